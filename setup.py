@@ -1,0 +1,43 @@
+"""ssdd-runtime packaging.
+
+kernels/, export/ and benchmarks/ live at the top of the repository (the design card's layout) but are
+installed *under* the package as ssdd_runtime.kernels / .export / .benchmarks: PyPI already has projects
+called `kernels`, `export` and `benchmarks`, so a top-level module of those names is never installed.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "ssdd_runtime": "ssdd_runtime",
+    "ssdd_runtime.integrations": "ssdd_runtime/integrations",
+    "ssdd_runtime.kernels": "kernels",
+    "ssdd_runtime.export": "export",
+    "ssdd_runtime.benchmarks": "benchmarks",
+}
+
+EXTRAS = {
+    "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+    "tensorrt": ["tensorrt>=10.0", "onnx>=1.16"],
+    "bench": ["diffusers>=0.30", "matplotlib>=3.7", "onnxruntime>=1.18"],
+    "triton": ["triton>=3.0"],
+    "ray": ["ray[data]>=2.10", "pyarrow>=14"],
+    "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
+             "matplotlib>=3.7", "protobuf>=4"],
+}
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "tensorrt" for req in reqs})
+
+setup(
+    name="ssdd-runtime",
+    version="0.1.0",
+    description="Fast, faithful inference runtime for SSDD single-step diffusion decoder image tokenizers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"ssdd_runtime": ["assets/*"], "ssdd_runtime.benchmarks": ["results/*.json"],
+                  "ssdd_runtime.export": ["*.txt"]},
+    install_requires=["torch>=2.3", "safetensors>=0.4", "numpy", "pillow", "huggingface-hub>=0.23", "tqdm"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["ssdd=ssdd_runtime.cli:main"]},
+)
