@@ -1,0 +1,283 @@
+"""The benchmark sweep: models x backends x batch sizes x resolutions, interleaved, with the environment.
+
+images/s = batch / median latency of one full decode (all Euler steps for SSDD). The SSDD/KL-VAE ratio is
+taken from the same run, between workloads timed in the same interleaved rounds.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ssdd_runtime import optimize
+from ssdd_runtime.benchmarks import backends as bk
+from ssdd_runtime.benchmarks.timing import PeakMemory, env_cpu_load, measure_interleaved
+from ssdd_runtime.benchmarks.workloads import KL_VAE, WEIGHTS_NOTE, Workload, build_workload, check_model_name
+
+log = logging.getLogger(__name__)
+
+METHOD = ("latency of one full decode (all Euler steps for SSDD; post_quant_conv + decoder for the KL-VAE), "
+          "inputs pre-made on the device and rotated over {rotate} distinct sets; {warmup} warm-up call(s) per "
+          "workload excluded (compile/export time reported separately as warmup_s/prepare_s); {repeats} timed "
+          "calls, workloads interleaved round by round (order rotated each round); CUDA: events + synchronize; "
+          "CPU: perf_counter; images/s = batch / median latency")
+
+
+@dataclass
+class Config:
+    models: list[str]
+    backends: list[str]
+    batches: list[int]
+    resolutions: list[tuple[int, int]]
+    steps: list[int] = field(default_factory=lambda: [1])
+    dtype: str = "fp32"
+    device: str = "cpu"
+    warmup: int = 1
+    repeats: int = 5
+    rotate: int = 3
+    channels_last: bool = False
+    checkpoint: str | None = None
+    kl_vae_checkpoint: str | None = None
+    kl_vae_config: dict | str | None = None
+
+    def validate(self) -> None:
+        for m in self.models:
+            check_model_name(m)
+        for b in self.backends:
+            bk.check_backend_name(b)
+        optimize.as_dtype(self.dtype)
+        for name, vals in (("batch", self.batches), ("steps", self.steps)):
+            if not vals or any(v < 1 for v in vals):
+                raise ValueError(f"{name} values must be integers >= 1; got {vals}")
+        if not self.resolutions or any(h < 8 or w < 8 for h, w in self.resolutions):
+            raise ValueError(f"resolutions must be HxW with H, W >= 8; got {self.resolutions}")
+        if self.repeats < 1 or self.warmup < 0 or self.rotate < 1:
+            raise ValueError("need repeats >= 1, warmup >= 0, rotate >= 1")
+
+
+def environment(device: torch.device) -> dict:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": str(device),
+        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_name": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": env_cpu_load(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_driver": _nvidia_driver() if device.type == "cuda" else None,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "triton": version("triton"),
+        "onnxruntime": version("onnxruntime") or version("onnxruntime-gpu"),
+        "onnx": version("onnx"),
+        "tensorrt": version("tensorrt"),
+        "diffusers": version("diffusers"),
+        "ssdd_runtime": version("ssdd-runtime"),
+        "git_commit": _git_commit(),
+    }
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
+    """Run the sweep; returns {"env", "method", "notes", "skipped", "results", "ratios"}."""
+    cfg.validate()
+    device = torch.device(cfg.device)
+    dtype = optimize.as_dtype(cfg.dtype)
+    env = environment(device)
+    results: list[dict] = []
+    skipped: list[dict] = []
+    notes = [WEIGHTS_NOTE]
+    if device.type == "cpu":
+        notes.append("CPU peak memory is the whole process's resident-set peak (all loaded models), not one "
+                     "model's share")
+    workdir = tempfile.mkdtemp(prefix="ssdd-bench-")
+
+    # (model, steps) pairs: steps only apply to SSDD
+    jobs = [(m, s) for m in cfg.models for s in (cfg.steps if m != KL_VAE else [1])]
+    workloads: dict[tuple[str, int], Workload] = {}
+    for m, s in jobs:
+        ck = cfg.kl_vae_checkpoint if m == KL_VAE else cfg.checkpoint
+        w = build_workload(m, steps=s, checkpoint=ck, kl_vae_config=cfg.kl_vae_config)
+        w.net = optimize.cast(w.net.to(device), dtype)
+        if cfg.channels_last:
+            w.net = optimize.channels_last(w.net)
+        workloads[(m, s)] = w
+        echo(f"built {m} (steps={s}): {w.params / 1e6:.1f}M parameters, weights: {w.weights}")
+    echo(f"note: {WEIGHTS_NOTE}")
+
+    for backend in cfg.backends:
+        reason = bk.unavailable_reason(backend, device, dtype)
+        if reason is not None:
+            echo(f"skip backend {backend}: {reason}")
+            skipped.append({"backend": backend, "reason": reason})
+            continue
+        for (H, W) in cfg.resolutions:
+            for batch in cfg.batches:
+                results += _run_group(cfg, backend, batch, H, W, workloads, device, dtype, workdir, echo,
+                                      skipped)
+    env["loadavg_end"] = env_cpu_load()
+    method = METHOD.format(rotate=cfg.rotate, warmup=cfg.warmup, repeats=cfg.repeats)
+    return {"env": env, "method": method, "notes": notes, "skipped": skipped, "results": results,
+            "ratios": ratios(results)}
+
+
+def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, workdir, echo, skipped) -> list[dict]:
+    """Prepare every workload for (backend, batch, H, W), then time them interleaved."""
+    calls, infos, inputs = {}, {}, {}
+    for key, w in workloads.items():
+        label = _label(*key)
+        sets = [w.example_inputs(batch, H, W, dtype, device, seed=i) for i in range(cfg.rotate)]
+        if cfg.channels_last:
+            sets = [(tuple(_cl(a) for a in ins), noise) for ins, noise in sets]
+        try:
+            run, info = bk.prepare(backend, w.net, sets[0][0], is_ssdd=w.model != KL_VAE,
+                                   workdir=os.path.join(workdir, f"{backend}-{label}-{batch}-{H}x{W}"))
+        except NotImplementedError as e:  # e.g. a Triton kernel that is not built yet
+            echo(f"skip {label} on {backend}: {e}")
+            skipped.append({"backend": backend, "model": label, "reason": str(e)})
+            continue
+        calls[label] = _decode_call(w, run, sets)
+        infos[label], inputs[label] = info, sets
+        if "export_s" in info:
+            echo(f"  {label} {backend} {batch}x{H}x{W}: exported in {info['export_s']:.1f} s")
+    if not calls:
+        return []
+    memory = {n: PeakMemory(device, torch_allocations=backend not in ("onnxruntime", "tensorrt")) for n in calls}
+    echo(f"timing {', '.join(calls)} on {backend} {cfg.dtype} batch {batch} {H}x{W}: "
+         f"{cfg.warmup} warm-up + {cfg.repeats} timed calls each, interleaved")
+
+    def progress(name, phase, i, dt):
+        echo(f"  {name:>12} {phase} {i}: {dt * 1000:9.1f} ms")
+
+    with torch.inference_mode():
+        meas = measure_interleaved(calls, device=device, warmup=cfg.warmup, repeats=cfg.repeats, memory=memory,
+                                   on_call=progress)
+    out = []
+    for (m, s), w in workloads.items():
+        label = _label(m, s)
+        if label not in meas:
+            continue
+        mm = meas[label]
+        lat = mm.latency_ms()
+        out.append({
+            "model": m, "label": label, "backend": backend, "dtype": cfg.dtype, "device": str(device),
+            "batch": batch, "height": H, "width": W, "steps": s,
+            "memory_format": "channels_last" if cfg.channels_last else "contiguous",
+            "images_per_s": batch / (lat["p50"] / 1000),
+            "latency_ms": lat, "repeats": cfg.repeats, "warmup": cfg.warmup,
+            "warmup_s": mm.warmup_s, "prepare_s": infos[label]["prepare_s"],
+            "peak_memory_mb": mm.peak_memory_mb, "memory_kind": memory[label].kind,
+            "weights": w.weights, "params": w.params, "notes": infos[label]["notes"],
+        })
+    return out
+
+
+def _decode_call(w: Workload, run, sets) -> Callable[[int], object]:
+    def call(i: int):
+        ins, noise = sets[i % len(sets)]
+        return w.decode(run, ins, noise)
+
+    return call
+
+
+def _cl(a: torch.Tensor) -> torch.Tensor:
+    return a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a
+
+
+def _label(model: str, steps: int) -> str:
+    return model if model == KL_VAE else f"{model}@{steps}"
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """SSDD images/s over KL-VAE images/s for every group timed together (same backend/dtype/batch/size)."""
+    out = []
+    key = lambda r: (r["backend"], r["dtype"], r["batch"], r["height"], r["width"], r["memory_format"])  # noqa: E731
+    base = {key(r): r for r in results if r["model"] == KL_VAE}
+    for r in results:
+        if r["model"] == KL_VAE or key(r) not in base:
+            continue
+        b = base[key(r)]
+        out.append({"ssdd": r["label"], "baseline": KL_VAE, "backend": r["backend"], "dtype": r["dtype"],
+                    "batch": r["batch"], "height": r["height"], "width": r["width"],
+                    "memory_format": r["memory_format"],
+                    "ratio_images_per_s": r["images_per_s"] / b["images_per_s"]})
+    return out
+
+
+def write_json(report: dict, path: str) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+
+
+CSV_FIELDS = ["model", "label", "backend", "dtype", "device", "batch", "height", "width", "steps", "memory_format",
+              "images_per_s", "p50_ms", "p90_ms", "p99_ms", "peak_memory_mb", "memory_kind", "prepare_s",
+              "first_warmup_s", "weights"]
+
+
+def write_csv(report: dict, path: str) -> None:
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        wr = csv.DictWriter(f, fieldnames=CSV_FIELDS + ["device_name", "date_utc"])
+        wr.writeheader()
+        for r in report["results"]:
+            row = {k: r.get(k) for k in CSV_FIELDS}
+            row.update(p50_ms=r["latency_ms"]["p50"], p90_ms=r["latency_ms"]["p90"], p99_ms=r["latency_ms"]["p99"],
+                       first_warmup_s=r["warmup_s"][0] if r["warmup_s"] else None,
+                       device_name=report["env"]["device_name"], date_utc=report["env"]["date_utc"])
+            wr.writerow(row)

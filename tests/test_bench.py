@@ -1,0 +1,221 @@
+"""Benchmark CLI: output schema, timing method (warm-up excluded, interleaving, percentiles), CLI errors,
+skipped backends, the decode driver against SSDDModule.sample, the ONNX Runtime backend against eager, and
+the README table generator. No timed assertions on real models."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ssdd_runtime import optimize
+from ssdd_runtime.benchmarks import backends as bk
+from ssdd_runtime.benchmarks import report as rp
+from ssdd_runtime.benchmarks.timing import measure_interleaved, percentile
+from ssdd_runtime.benchmarks.workloads import SD_VAE_CONFIG, SSDDNet, Workload, build_workload
+from ssdd_runtime.cli import main
+
+TINY_VAE = {"block_out_channels": [32, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 4, "layers_per_block": 1,
+            "norm_num_groups": 32}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threading only adds noise on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+# -- timing method ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10])
+@pytest.mark.parametrize("q", [0, 50, 90, 99, 100])
+def test_percentile_matches_numpy(n, q):
+    xs = [float(v) for v in np.random.default_rng(n).permutation(np.arange(1, n + 1) ** 2)]
+    assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def test_percentile_rejects_empty_and_bad_q():
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_warmup_is_excluded_and_calls_interleave():
+    """A fake workload whose first call costs 0.5 s and later calls 0.01 s: the statistics see only the later
+    calls; the warm-up cost is reported separately; rounds alternate A B / B A."""
+    log = []
+
+    def fake(name, first_s):
+        def call(i):
+            log.append((name, i))
+            time.sleep(first_s if sum(1 for n, _ in log if n == name) == 1 else 0.01)
+        return call
+
+    m = measure_interleaved({"A": fake("A", 0.5), "B": fake("B", 0.3)}, device=CPU, warmup=1, repeats=4)
+    assert m["A"].warmup_s[0] >= 0.5 and m["B"].warmup_s[0] >= 0.3
+    assert len(m["A"].times_s) == 4 and max(m["A"].times_s + m["B"].times_s) < 0.3
+    assert m["A"].latency_ms()["p50"] < 300
+    assert [n for n, _ in log] == ["A", "B", "A", "B", "B", "A", "A", "B", "B", "A"]
+    assert [i for n, i in log if n == "A"] == [0, 1, 2, 3, 4]  # call index drives input rotation
+
+
+def test_measure_rejects_zero_repeats():
+    with pytest.raises(ValueError, match="repeats"):
+        measure_interleaved({"A": lambda i: None}, device=CPU, warmup=0, repeats=0)
+
+
+# -- workloads and backends --------------------------------------------------------------------------------------
+
+
+def test_ssdd_decode_driver_equals_model_sample():
+    """The benchmark's Euler driver computes exactly SSDDModule.sample (steps 2, fp32)."""
+    from ssdd_runtime.model import SSDDModule
+
+    torch.manual_seed(0)
+    model = SSDDModule("f8c4", "XS").eval()
+    w = Workload("ssdd-XS", SSDDNet(model.decoder, False), 2, 8, 4, "random", 0)
+    ins, noise = w.example_inputs(1, 64, 64, torch.float32, CPU, seed=3)
+    with torch.inference_mode():
+        ours = w.decode(w.net, ins, noise)
+        ref = model.sample(ins[2], noise, steps=2, use_triton=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_rotated_inputs_differ():
+    w = build_workload("kl-vae", kl_vae_config=TINY_VAE)
+    a, _ = w.example_inputs(1, 32, 32, torch.float32, CPU, seed=0)
+    b, _ = w.example_inputs(1, 32, 32, torch.float32, CPU, seed=1)
+    assert not torch.equal(a[0], b[0])
+
+
+def test_sd_vae_config_builds_the_sd_decoder():
+    """The baseline is the SD-VAE f8c4 decoder (diffusers AutoencoderKL); parameter count from its architecture:
+    post_quant_conv + decoder = 49,490,199."""
+    w = build_workload("kl-vae")
+    assert SD_VAE_CONFIG["block_out_channels"] == (128, 256, 512, 512) and w.stride == 8 and w.z_dim == 4
+    assert w.params == 49_490_199
+
+
+def test_channels_last_transform_keeps_outputs(one_thread):
+    w = build_workload("kl-vae", kl_vae_config=TINY_VAE)
+    ins, _ = w.example_inputs(1, 32, 48, torch.float32, CPU)
+    with torch.inference_mode():
+        ref = w.net(*ins)
+        out = optimize.channels_last(w.net)(ins[0].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_backends_give_reasons():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the CUDA-only backends are available here")
+    for name in ("triton", "cudagraphs", "tensorrt"):
+        assert "CUDA" in bk.unavailable_reason(name, CPU)
+    assert bk.unavailable_reason("eager", CPU) is None
+    with pytest.raises(ValueError, match="CUDA"):
+        optimize.cuda_graph(lambda x: x, [torch.zeros(1)])
+
+
+def test_onnxruntime_backend_matches_eager(tmp_path, one_thread):
+    """The exported static-shape network under ONNX Runtime decodes what eager decodes (tiny KL-VAE, non-square)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed")
+    w = build_workload("kl-vae", kl_vae_config=TINY_VAE)
+    ins, _ = w.example_inputs(2, 32, 48, torch.float32, CPU)
+    run, info = bk.prepare("onnxruntime", w.net, ins, is_ssdd=False, workdir=str(tmp_path))
+    assert info["prepare_s"] > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(run(*ins), w.net(*ins), rtol=1e-4, atol=1e-4)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, argv, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_unknown_model(capsys):
+    _one_line_error(capsys, ["bench", "--models", "ssdd-Q,kl-vae"], "unknown model 'ssdd-Q'")
+
+
+def test_cli_unknown_backend(capsys):
+    _one_line_error(capsys, ["bench", "--backends", "eager,tensorflow"], "unknown backend 'tensorflow'")
+
+
+def test_cli_bad_resolution(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--res", "256xabc"])
+    assert e.value.code != 0
+
+
+REQUIRED_ENV = ["device_name", "device", "torch", "cuda", "cuda_driver", "triton", "onnxruntime", "tensorrt",
+                "git_commit", "torch_threads", "cpu_count", "loadavg_start", "loadavg_end", "date_utc"]
+REQUIRED_RESULT = {"model": str, "backend": str, "dtype": str, "batch": int, "height": int, "width": int,
+                   "steps": int, "images_per_s": float, "latency_ms": dict}
+
+
+def test_cli_json_csv_plot_schema(tmp_path, capsys, one_thread):
+    vae_cfg = tmp_path / "vae.json"
+    vae_cfg.write_text(json.dumps({"_class_name": "AutoencoderKL", **TINY_VAE}))
+    out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    backends = "eager" if torch.cuda.is_available() else "eager,cudagraphs"
+    rc = main(["bench", "--models", "ssdd-XS,kl-vae", "--kl-vae-config", str(vae_cfg), "--res", "64x96",
+               "--batch", "1", "--backends", backends, "--device", "cpu", "--warmup", "1", "--repeats", "3",
+               "--rotate", "2", "--json", str(out_json), "--csv", str(out_csv), "--plot", str(out_png),
+               "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    rep = json.loads(out_json.read_text())
+    assert set(rep) >= {"env", "results", "ratios", "method", "notes", "skipped"}
+    for k in REQUIRED_ENV:
+        assert k in rep["env"], k
+    assert rep["env"]["device"] == "cpu" and rep["env"]["torch_threads"] == 1
+    assert len(rep["results"]) == 2
+    for r in rep["results"]:
+        for k, typ in REQUIRED_RESULT.items():
+            assert isinstance(r[k], typ), (k, r[k])
+        assert (r["height"], r["width"], r["batch"], r["backend"], r["dtype"]) == (64, 96, 1, "eager", "fp32")
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert r["images_per_s"] == pytest.approx(r["batch"] / (lat["p50"] / 1000))
+        assert r["peak_memory_mb"] is None or r["peak_memory_mb"] > 0
+        assert len(r["warmup_s"]) == 1 and r["repeats"] == 3 and r["weights"] == "random"
+    assert {r["model"] for r in rep["results"]} == {"ssdd-XS", "kl-vae"}
+    (q,) = rep["ratios"]
+    by = {r["model"]: r["images_per_s"] for r in rep["results"]}
+    assert q["ratio_images_per_s"] == pytest.approx(by["ssdd-XS"] / by["kl-vae"])
+    if not torch.cuda.is_available():
+        assert rep["skipped"][0]["backend"] == "cudagraphs" and "CUDA" in rep["skipped"][0]["reason"]
+        assert "skip backend cudagraphs: cudagraphs needs a CUDA device" in printed
+    assert "throughput does not depend on weight values" in printed and "ratio ssdd-XS@1 / kl-vae" in printed
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 2 and {row["model"] for row in rows} == {"ssdd-XS", "kl-vae"}
+    assert float(rows[0]["p50_ms"]) == pytest.approx(rep["results"][0]["latency_ms"]["p50"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the README table generator reads the same file
+    readme = f"# x\n\n## Benchmarks\n\n{rp.BEGIN}\nold\n{rp.END}\n\n## Next\n"
+    new = rp.update_readme(readme, [("r.json", rep)])
+    assert "old" not in new and new.endswith("\n\n## Next\n") and new.count("| ssdd-XS |") == 1
+    assert f"{q['ratio_images_per_s']:.2f}x" in new and rep["env"]["date_utc"][:10] in new
+
+
+def test_report_check_detects_stale_readme(tmp_path):
+    (tmp_path / "results").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"## Benchmarks\n{rp.BEGIN}\nstale\n{rp.END}\n")
+    assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 1
+    assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
+    assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 0
