@@ -40,7 +40,8 @@ def table(report: dict) -> str:
     lines = [head, "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     for q in report.get("ratios", []):
-        lines.append(f"ratio {q['ssdd']} / kl-vae images/s on {q['backend']} {q['dtype']} batch {q['batch']} "
+        cl = " channels_last" if q.get("memory_format") == "channels_last" else ""
+        lines.append(f"ratio {q['ssdd']} / kl-vae images/s on {q['backend']}{cl} {q['dtype']} batch {q['batch']} "
                      f"{q['height']}x{q['width']}: {q['ratio_images_per_s']:.2f}x")
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['backend']}{' ' + s['model'] if 'model' in s else ''}: {s['reason']}")
