@@ -6,8 +6,9 @@ LayerNorm). `_dispatch.py` holds the Triton-or-reference switch.
 """
 from ssdd_runtime.kernels.attention import relative_position_bias, window_attention, window_attention_ref
 from ssdd_runtime.kernels.group_norm import ada_group_norm, ada_group_norm_ref
-from ssdd_runtime.kernels.layer_norm import ada_layer_norm, ada_layer_norm_ref, layer_norm, layer_norm_ref
+from ssdd_runtime.kernels.layer_norm import (ada_layer_norm, ada_layer_norm_ref, affine_layer_norm,
+                                             affine_layer_norm_ref)
 
 __all__ = ["window_attention", "window_attention_ref", "relative_position_bias", "ada_group_norm",
-           "ada_group_norm_ref", "ada_layer_norm", "ada_layer_norm_ref", "layer_norm",
-           "layer_norm_ref"]
+           "ada_group_norm_ref", "ada_layer_norm", "ada_layer_norm_ref", "affine_layer_norm",
+           "affine_layer_norm_ref"]

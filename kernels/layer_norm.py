@@ -2,7 +2,8 @@
 
 Layout: x (B, N, C) tokens of a Gh x Gw row-major grid; mod (B, h, w, 2C), shift first (spec 3.6), repeated
 to the token grid by nearest indexing (factor Gh / h: 1 for f8, 2 for f16, 4 for f32 encoders). LN without
-affine, fp32 statistics. The same family holds the affine LayerNorm of the transformer FFN (`layer_norm`).
+affine, fp32 statistics. The same family holds the affine LayerNorm of the transformer FFN
+(`affine_layer_norm`).
 
 Triton (`_layer_norm_kernel`): one program per BLOCK_T tokens, the whole row of C channels in registers; mean
 then centred variance in fp32; optional affine; optional modulation gathered from mod[b, y // (Gh/h),
@@ -54,7 +55,7 @@ def ada_layer_norm_ref(x, mod, grid, eps: float) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def layer_norm_ref(x, weight, bias, eps: float) -> torch.Tensor:
+def affine_layer_norm_ref(x, weight, bias, eps: float) -> torch.Tensor:
     """Affine LayerNorm over the last dim in fp32, cast back to x.dtype (the FFN's norm2, spec 3.6)."""
     return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
 
@@ -114,10 +115,10 @@ def ada_layer_norm(x, mod, grid, eps: float, *, use_triton: bool | None = None) 
     return ada_layer_norm_ref(x, mod, grid, eps)
 
 
-def layer_norm(x, weight, bias, eps: float, *, use_triton: bool | None = None) -> torch.Tensor:
+def affine_layer_norm(x, weight, bias, eps: float, *, use_triton: bool | None = None) -> torch.Tensor:
     """Dispatch of the affine LayerNorm: Triton kernel where it applies, else the reference."""
     if use_triton is not False:
         problem = _layer_norm_unsupported(x, None, None, weight, bias)
         if use_triton_for(x, use_triton, problem, "LayerNorm"):
             return layer_norm_triton(x, weight, bias, None, [1, x.shape[1]], float(eps))
-    return layer_norm_ref(x, weight, bias, eps)
+    return affine_layer_norm_ref(x, weight, bias, eps)
