@@ -137,6 +137,8 @@ def _tiles(Gh: int, Gw: int, half: int, q_cells: int, k_cells: int) -> tuple[int
 def _window_attention_unsupported(q, k, v, table, grid) -> str | None:
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (expected one of {DTYPES})"
+    if q.numel() >= 2 ** 31:
+        return "2^31 elements or more (the kernels use 32-bit offsets)"
     if q.dim() != 4 or q.shape[-1] > MAX_HEAD_DIM:
         return f"q of shape {tuple(q.shape)} (expected (B, heads, N, dh) with dh <= {MAX_HEAD_DIM})"
     if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:

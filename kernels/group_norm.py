@@ -130,6 +130,8 @@ def ada_group_norm_ref(x, num_groups: int, eps: float, *, weight=None, bias=None
 def _ada_group_norm_unsupported(x, num_groups, weight, bias, ctx_mod, time_mod) -> str | None:
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} (expected one of {DTYPES})"
+    if x.numel() >= 2 ** 31:
+        return "2^31 elements or more (the kernels use 32-bit offsets)"
     if x.dim() != 4 or x.shape[1] % num_groups != 0:
         return f"x of shape {tuple(x.shape)} (expected (B, C, H, W) with C divisible by {num_groups} groups)"
     B, C, H, W = x.shape

@@ -63,6 +63,8 @@ def affine_layer_norm_ref(x, weight, bias, eps: float) -> torch.Tensor:
 def _layer_norm_unsupported(x, mod, grid, weight, bias) -> str | None:
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} (expected one of {DTYPES})"
+    if x.numel() >= 2 ** 31:
+        return "2^31 elements or more (the kernels use 32-bit offsets)"
     if x.dim() != 3 or x.shape[-1] > MAX_C or x.stride(-1) != 1:
         return f"x of shape {tuple(x.shape)} (expected (B, N, C), C <= {MAX_C}, contiguous channels)"
     B, N, C = x.shape
