@@ -123,8 +123,12 @@ def ada_group_norm_ref(x, num_groups: int, eps: float, *, weight=None, bias=None
     if ctx_mod is not None:
         B, C, H, W = y.shape
         h, w = ctx_mod.shape[-2:]
-        scale, shift = ctx_mod.float()[:, :, :, None, :, None].chunk(2, dim=1)  # (B, C, h, 1, w, 1)
-        y = torch.addcmul(shift, y.view(B, C, h, H // h, w, W // w), 1 + scale).view(B, C, H, W)
+        if H % h or W % w:  # not an integer factor (never in the model): materialise PyTorch's nearest
+            scale, shift = F.interpolate(ctx_mod.float(), size=(H, W), mode="nearest").chunk(2, dim=1)
+            y = torch.addcmul(shift, y, 1 + scale)
+        else:
+            scale, shift = ctx_mod.float()[:, :, :, None, :, None].chunk(2, dim=1)  # (B, C, h, 1, w, 1)
+            y = torch.addcmul(shift, y.view(B, C, h, H // h, w, W // w), 1 + scale).view(B, C, H, W)
     if time_mod is not None:
         scale, shift = time_mod.float()[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
         y = torch.addcmul(shift, y, 1 + scale)
