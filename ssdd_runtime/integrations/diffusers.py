@@ -203,4 +203,8 @@ def _vae_class():
             return self.decode(z, return_dict=return_dict, generator=generator)
 
     SSDDVAE.__qualname__ = "SSDDVAE"  # pickle finds it as ssdd_runtime.integrations.diffusers.SSDDVAE
+    for attr in vars(SSDDVAE).values():  # and error messages name SSDDVAE.<method>, not _vae_class.<locals>
+        fn = getattr(attr, "__func__", attr)
+        if callable(fn) and hasattr(fn, "__qualname__"):
+            fn.__qualname__ = f"SSDDVAE.{fn.__name__}"
     return SSDDVAE
