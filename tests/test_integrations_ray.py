@@ -14,11 +14,9 @@ pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install '
 
 from PIL import Image  # noqa: E402
 
-from ssdd_runtime import SSDD  # noqa: E402
 from ssdd_runtime.integrations import ray as sray  # noqa: E402
 from ssdd_runtime.io import load_image, tensor_to_uint8  # noqa: E402
 from ssdd_runtime.model import randn  # noqa: E402
-from ssdd_runtime.testing import test_state_dict  # noqa: E402
 
 SIZES = {"a.png": (32, 32), "b.jpg": (32, 32), "sub/c.png": (48, 40), "sub/d.png": (35, 33), "e.png": (32, 32)}
 
@@ -33,17 +31,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("ckpt") / "test_f8c4_S.safetensors"
-    save_file(test_state_dict("f8c4", "S"), str(path))
-    return path
+def ckpt(make_checkpoint):  # conftest: the deterministic SSDD-S f8c4 test weights as an official-format file
+    return make_checkpoint("f8c4", "S", 0)
 
 
 @pytest.fixture(scope="module")
-def model(ckpt):
-    return SSDD.from_pretrained(ckpt)
+def model(s_model):  # the same weights loaded by SSDD.from_pretrained
+    return s_model
 
 
 def make_folder(root):
@@ -70,7 +64,7 @@ def test_tokenize_equals_direct_encoding_resumes_and_reports_bad_images(ray_loca
     got, errors = {}, {}
     for s in range(3):
         lat, info = sray.read_shard(out / f"shard-{s:05d}.parquet")
-        assert info["checkpoint"] == rep.checkpoint and rep.checkpoint.startswith("test_f8c4_S.safetensors@sha256:")
+        assert info["checkpoint"] == rep.checkpoint and rep.checkpoint.startswith("f8c4_S_0.safetensors@sha256:")
         got.update(lat)
         errors.update(info["errors"])
     assert sorted(got) == [k for k in keys if k != "bad.png"] and list(errors) == ["bad.png"]

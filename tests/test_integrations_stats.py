@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ssdd_runtime import SSDD
 from ssdd_runtime.integrations import latent_stats as ls
 from ssdd_runtime.io import load_image
-from ssdd_runtime.testing import test_state_dict
 
 
 def test_running_stats_match_float64_reference():
@@ -47,13 +45,10 @@ def test_normalization_priorities(tmp_path, monkeypatch):
         ls.latent_normalization(stats={"mean": 1.0})
 
 
-def test_stats_cli(tmp_path):
-    from safetensors.torch import save_file
-
+def test_stats_cli(tmp_path, make_checkpoint, s_model):
     from ssdd_runtime.cli import main
 
-    ckpt = tmp_path / "w.safetensors"
-    save_file(test_state_dict("f8c4", "S"), str(ckpt))
+    ckpt = make_checkpoint("f8c4", "S", 0)
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -64,9 +59,9 @@ def test_stats_cli(tmp_path):
     assert main(["stats", str(folder), "-o", str(out), "--checkpoint", str(ckpt), "--batch-size", "2"]) == 0
     s = json.loads(out.read_text())
     assert (s["num_images"], s["num_errors"]) == (3, 1) and list(s["errors"]) == [str(folder / "broken.png")]
-    assert s["checkpoint"].startswith("w.safetensors@sha256:") and s["encoder"] == "f8c4"
+    assert s["checkpoint"].startswith("f8c4_S_0.safetensors@sha256:") and s["encoder"] == "f8c4"
 
-    model = SSDD.from_pretrained(ckpt)
+    model = s_model
     z = torch.cat([model.encode(load_image(folder / f"{i}.png", multiple_of=8)).mode().double()
                    .transpose(0, 1).reshape(4, -1) for i in range(3)], dim=1)
     assert s["mean"] == pytest.approx(float(z.mean()), rel=1e-5, abs=1e-6)
