@@ -40,8 +40,6 @@ import os
 
 import torch
 
-__all__ = ["SSDDVAE"]
-
 INSTALL_HINT = "pip install 'ssdd-runtime[test]' (or: pip install 'diffusers>=0.30')"
 
 

@@ -77,7 +77,8 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES + (".parquet",))
+            suffixes = IMAGE_SUFFIXES + (".parquet",)
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
             for f in files:
                 rel = f.relative_to(p).as_posix()
                 if f.suffix.lower() == ".parquet":
