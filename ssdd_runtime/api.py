@@ -1,0 +1,208 @@
+"""The public `SSDD` class: loading, input validation, dtype policy, batching and noise around `SSDDModule`."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+
+import torch
+
+from ssdd_runtime import weights
+from ssdd_runtime.model import DiagonalGaussian, SSDDModule, decoder_config, encoder_config, randn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+class SSDD(SSDDModule):
+    """SSDD image tokenizer: `encode` images to latents, `decode` latents to images.
+
+    Weights run in fp32, bf16 or fp16; norm statistics, softmax, the time embedding, the noise and the Euler
+    state stay fp32. Outputs (latent moments, images) are fp32. Build with `from_pretrained` or
+    `from_state_dict`; the module is in eval mode with gradients off.
+    """
+
+    use_triton: bool | None = None  # default for decode(use_triton=None): None = auto (CUDA + triton)
+
+    # -- construction -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None, *, revision: str | None = None,
+                        encoder: str | None = None, decoder: str | None = None, device=None,
+                        dtype: torch.dtype | str | None = None, local_files_only: bool = False,
+                        cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None) -> SSDD:
+        """Load an official SSDD checkpoint from a local `.safetensors` path or a Hub repo (`facebook/SSDD` +
+        `filename`). The architecture comes from the tensor shapes; `encoder=`/`decoder=` are checked against it."""
+        path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
+                                          local_files_only=local_files_only)
+        model = cls.from_state_dict(weights.read_state_dict(path), encoder=encoder, decoder=decoder, device=device,
+                                    dtype=dtype, use_triton=use_triton, source=str(path))
+        model.checkpoint = str(path)
+        return model
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], *, encoder: str | None = None,
+                        decoder: str | None = None, device=None, dtype: torch.dtype | str | None = None,
+                        use_triton: bool | None = None, source: str = "state dict") -> SSDD:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+        enc, dec = weights.infer_config(state_dict)
+        if encoder is not None and encoder_config(encoder) != enc:
+            raise ValueError(f"encoder={encoder!r} was asked for but {source} holds an {enc.name} encoder")
+        if decoder is not None:
+            decoder_config(decoder)  # validates the name
+            if decoder != dec.size:
+                raise ValueError(f"decoder={decoder!r} was asked for but {source} holds decoder size {dec.size!r}")
+        with torch.device("meta"):
+            model = cls(enc, dec)
+        weights.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, source=source)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False)
+        model.use_triton = use_triton
+        model.checkpoint = None
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    def extra_repr(self) -> str:
+        return f"encoder={self.encoder_config.name}, decoder={self.decoder_config.size}"
+
+    # -- encode -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, *, batch_size: int | None = None) -> DiagonalGaussian:
+        """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder stride -> latent distribution with
+        fp32 `.mean`/`.logvar` of shape (B, C, H/F, W/F); `.mode()` is what the decoder consumes."""
+        _check_tensor("image", x, rank=4)
+        if x.shape[1] != 3:
+            raise ValueError(f"image must have 3 channels (B, 3, H, W), got shape {tuple(x.shape)}")
+        F_ = self.stride
+        if x.shape[2] % F_ or x.shape[3] % F_:
+            raise ValueError(f"image height and width must be multiples of the encoder stride {F_}, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        _check_finite("image", x)
+        moments = [self._with_fp32_fallback("encode", lambda xb: super(SSDD, self).encode(xb),
+                                            xb.to(self.device, self.dtype))
+                   for xb in _chunks(x, batch_size)]
+        mean = torch.cat([m.mean.float() for m in moments])
+        logvar = torch.cat([m.logvar.float() for m in moments])
+        return DiagonalGaussian(mean, logvar)
+
+    # -- decode -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, *, steps: int = 1, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, t_pow_shift: float = 2.0, batch_size: int | None = None,
+               use_triton: bool | None = None) -> torch.Tensor:
+        """z: (B, C, h, w) latents -> images (B, 3, h*F, w*F), fp32, nominally in [-1, 1] but unclamped.
+
+        `steps` Euler steps on the time grid t_k = (1 - k/steps)^t_pow_shift (1 = the single-step mode).
+        The start noise is `noise` if given, else drawn in fp32 from `generator` (or the global RNG).
+        """
+        _check_tensor("latent", z, rank=4)
+        C = self.decoder_config.z_dim
+        if z.shape[1] != C:
+            raise ValueError(f"latent must have {C} channels (B, {C}, h, w) for this {self.encoder_config.name} "
+                             f"model, got shape {tuple(z.shape)}")
+        _check_finite("latent", z)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(t_pow_shift, (int, float)) or not t_pow_shift > 0 or t_pow_shift == float("inf"):
+            raise ValueError(f"t_pow_shift must be a positive finite number, got {t_pow_shift!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        B, _, h, w = z.shape
+        shape = (B, 3, h * self.stride, w * self.stride)
+        if noise is None:
+            noise = randn(shape, generator=generator, device=self.device)  # whole batch first: chunking-invariant
+        else:
+            _check_tensor("noise", noise)
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
+                                 f"got {tuple(noise.shape)}")
+            _check_finite("noise", noise)
+        use_triton = self.use_triton if use_triton is None else use_triton
+        out = [self._with_fp32_fallback(
+                   "decode", lambda zb, nb: self.sample(zb, nb, steps=steps, t_pow_shift=float(t_pow_shift),
+                                                        use_triton=use_triton),
+                   zb.to(self.device, self.dtype), nb.to(self.device, torch.float32))
+               for zb, nb in zip(_chunks(z, batch_size), _chunks(noise, batch_size))]
+        return torch.cat(out)
+
+    # -- precision --------------------------------------------------------------------------------------------
+
+    def _with_fp32_fallback(self, what: str, fn, *args):
+        """Run fn; if a low-precision run gives non-finite values, warn and run once more in fp32."""
+        out = fn(*args)
+        if _all_finite(out):
+            return out
+        if self.dtype == torch.float32:
+            raise FloatingPointError(f"{what} produced non-finite values in fp32 from finite inputs: "
+                                     "the checkpoint weights are likely broken")
+        warnings.warn(f"{what} in {self.dtype} produced non-finite values; retrying this batch in float32",
+                      RuntimeWarning, stacklevel=3)
+        with self._as_fp32():
+            out = fn(*(a.float() if a.is_floating_point() else a for a in args))
+        if not _all_finite(out):
+            raise FloatingPointError(f"{what} produced non-finite values even in float32")
+        return out
+
+    @contextlib.contextmanager
+    def _as_fp32(self):
+        dtype = self.dtype
+        self.float()
+        try:
+            yield
+        finally:
+            self.to(dtype)
+
+
+def _all_finite(out) -> bool:
+    tensors = [out.mean, out.logvar] if isinstance(out, DiagonalGaussian) else [out]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _check_tensor(name: str, t, rank: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must be a {rank}-D tensor (B, C, H, W), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
+
+
+def _chunks(t: torch.Tensor, batch_size: int | None):
+    if batch_size is None:
+        return [t]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    return list(t.split(batch_size))

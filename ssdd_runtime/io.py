@@ -1,0 +1,125 @@
+"""Images <-> [-1, 1] tensors, latents <-> files (.safetensors, .npy without pickle, .pt with weights_only)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def uint8_to_tensor(images) -> torch.Tensor:
+    """uint8 array(s) (H, W, 3) or (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 array, got {a.dtype}")
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"expected (H, W, 3) or (B, H, W, 3) RGB uint8, got shape {a.shape}")
+    return torch.from_numpy(a.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 (B, H, W, 3); clamps and rounds like the official eval."""
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) images, got shape {tuple(x.shape)}")
+    y = ((x.detach().float().cpu() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    return y.permute(0, 2, 3, 1).numpy()
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """A PIL image -> (1, 3, H, W) in [-1, 1] (converted to RGB)."""
+    return uint8_to_tensor(np.asarray(image.convert("RGB")))
+
+
+def tensor_to_pil(x: torch.Tensor) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in tensor_to_uint8(x)]
+
+
+def load_image(path: str | os.PathLike, *, multiple_of: int = 1) -> torch.Tensor:
+    """Read an image file -> (1, 3, H, W) in [-1, 1]. With multiple_of > 1, center-crop H and W down to
+    multiples of it (the encoder needs multiples of its stride)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            x = pil_to_tensor(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from e
+    H, W = x.shape[-2:]
+    h, w = H // multiple_of * multiple_of, W // multiple_of * multiple_of
+    if h == 0 or w == 0:
+        raise ValueError(f"{path} is {W}x{H}: smaller than the encoder stride {multiple_of}")
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
+    (img,) = tensor_to_pil(x if x.dim() == 4 else x[None])
+    img.save(path)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of two (B, 3, H, W) batches in [-1, 1], after 8-bit quantisation of both."""
+    ua = torch.from_numpy(tensor_to_uint8(a)).float()
+    ub = torch.from_numpy(tensor_to_uint8(b)).float()
+    mse = ((ua - ub) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+
+
+def save_latents(path: str | os.PathLike, z: torch.Tensor, metadata: dict | None = None) -> None:
+    """Write latents (B, C, h, w) by suffix: .safetensors (tensor 'latents' + JSON metadata), .npy, .pt."""
+    path = Path(path)
+    z = z.detach().float().cpu().contiguous()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"latents": z}, path, metadata={"ssdd": json.dumps(metadata or {})})
+    elif path.suffix == ".npy":
+        np.save(path, z.numpy(), allow_pickle=False)
+    elif path.suffix == ".pt":
+        torch.save({"latents": z, "metadata": metadata or {}}, path)
+    else:
+        raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
+
+
+def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """Read latents written by `save_latents` (or any file holding one (B, C, h, w) float tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                names = list(f.keys())
+                if len(names) != 1 and "latents" not in names:
+                    raise ValueError(f"{path} holds tensors {names[:5]}; expected one named 'latents'")
+                z = f.get_tensor("latents" if "latents" in names else names[0])
+                meta = json.loads((f.metadata() or {}).get("ssdd", "{}"))
+        elif path.suffix == ".npy":
+            z, meta = torch.from_numpy(np.load(path, allow_pickle=False)), {}
+        elif path.suffix == ".pt":
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            z, meta = (obj["latents"], obj.get("metadata", {})) if isinstance(obj, dict) else (obj, {})
+        else:
+            raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
+    except ValueError:
+        raise
+    except Exception as e:  # format-level failures of the three readers: name the file
+        raise ValueError(f"could not read latents from {path}: {e}") from e
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        raise ValueError(f"{path}: expected a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
+    return z.float(), meta

@@ -1,0 +1,160 @@
+"""Checkpoint files and the Hub: find, read, validate, infer the architecture from tensor shapes.
+
+An official SSDD checkpoint is the complete model state dict (`encoder.*` + `decoder.*`, no prefix, fp32)
+stored as `.safetensors` with no config inside (spec 1.4). The architecture is therefore read from the
+tensor shapes: encoder stride from the number of `encoder.down.<i>` levels, latent channels from
+`encoder.conv_out`, decoder size from the level widths, transformer depth and head count.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ssdd_runtime.model import DECODER_SIZES, ENCODER_STRIDES, DecoderConfig, EncoderConfig, decoder_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPO = "facebook/SSDD"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    encoder: str
+    decoder: str
+    resolution: int  # training resolution (the decoder runs at any size, see README)
+    steps: int  # recommended Euler steps (the upstream README evaluates with 8)
+
+
+# Files published in facebook/SSDD (names from the upstream README). Advisory: loading never trusts a name;
+# the architecture always comes from the tensor shapes.
+KNOWN_FILES: dict[str, HubFile] = {
+    "demo_f8c4_M_128.safetensors": HubFile("f8c4", "M", 128, 8),
+    **{f"F8C4/F8C4_{s}_256.safetensors": HubFile("f8c4", s, 256, 8) for s in ("S", "B", "M", "L", "XL", "H")},
+    **{f"F16C4/F16C4_{s}_256.safetensors": HubFile("f16c4", s, 256, 8) for s in ("S", "B", "M", "L", "XL", "H")},
+}
+
+
+def resolve_checkpoint(source: str | os.PathLike, filename: str | None = None, *, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
+    """Local path of a checkpoint: `source` is a `.safetensors` file, a folder (+ `filename`), or a Hub repo id
+    (+ `filename`), fetched through huggingface_hub (its cache, `revision`, HF_HUB_OFFLINE)."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"checkpoint source must be a path or a Hub repo id string, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        if filename is None:
+            raise ValueError(f"{path} is a folder: pass filename= (one of its .safetensors files)")
+        path = path / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.is_file():
+        return path
+    if not _is_repo_id(str(source)):
+        raise FileNotFoundError(f"checkpoint file not found: {path} (and {str(source)!r} is not a Hub repo id "
+                                "like 'facebook/SSDD')")
+    if filename is None:
+        raise ValueError(f"Hub repo {source!r} needs filename=, e.g. one of: {', '.join(KNOWN_FILES)}")
+    return _hub_download(str(source), filename, revision=revision, cache_dir=cache_dir,
+                         local_files_only=local_files_only)
+
+
+def _is_repo_id(s: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.endswith((".safetensors", ".pt", ".pth"))
+
+
+def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_files_only) -> Path:
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        revision_error = huggingface_hub.utils.RevisionNotFoundError
+    except AttributeError:  # pragma: no cover - very old huggingface_hub
+        revision_error = EntryNotFoundError
+    where = f"{repo_id}/{filename}" + (f" (revision {revision})" if revision else "")
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                                    local_files_only=local_files_only))
+    except LocalEntryNotFoundError as e:
+        offline = local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
+        why = "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub is unreachable"
+        raise FileNotFoundError(
+            f"{where} is not in the Hugging Face cache ({cache_dir or huggingface_hub.constants.HF_HUB_CACHE}) and "
+            f"{why}. Fetch it once with network access: `hf download {repo_id} {filename}"
+            f"{' --revision ' + revision if revision else ''}`, or pass a local .safetensors path.") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {repo_id!r} not found (or private without a token)") from e
+    except revision_error as e:
+        raise FileNotFoundError(f"revision {revision!r} not found in Hub repo {repo_id!r}") from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"{where} does not exist; known files: {', '.join(KNOWN_FILES)}") from e
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` file, on CPU. Errors name the file and what is wrong with it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        raise ValueError(f"{path} is not a .safetensors file; SSDD checkpoints are loaded from safetensors only "
+                         "(no pickle)")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or another format?): {e}") from e
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[EncoderConfig, DecoderConfig]:
+    """Encoder and decoder configuration implied by the tensor shapes of a full SSDD state dict."""
+    need = ("encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.mid_block.proj_in.weight")
+    missing = [k for k in need if k not in state_dict]
+    if missing:
+        parts = sorted({k.split(".")[0] for k in state_dict})
+        raise ValueError(f"not a full SSDD checkpoint (encoder.* and decoder.* tensors): missing {missing}; "
+                         f"top-level names found: {parts[:8]}")
+    levels = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))}
+    stride = 2 ** (len(levels) - 1)
+    z_dim = state_dict["encoder.conv_out.weight"].shape[0] // 2
+    if stride not in ENCODER_STRIDES:
+        raise ValueError(f"encoder with {len(levels)} levels (stride {stride}) is not supported; "
+                         f"expected strides {ENCODER_STRIDES}")
+    enc = EncoderConfig(stride=stride, z_dim=z_dim)
+
+    dec_z = state_dict["decoder.conv_in.weight"].shape[1] - 3
+    widths = tuple(state_dict[f"decoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(4)
+                   if f"decoder.down_blocks.{i}.resnets.0.conv1.weight" in state_dict)
+    layers = len({int(m.group(1)) for k in state_dict
+                  if (m := re.match(r"decoder\.mid_block\.transformer_blocks\.(\d+)\.", k))})
+    table = state_dict.get("decoder.mid_block.transformer_blocks.0.relative_position_bias.relative_bias_table")
+    heads = table.shape[-1] if table is not None else None
+    for size in DECODER_SIZES:
+        cfg = decoder_config(size, z_dim=dec_z)
+        if (cfg.levels, cfg.mid_layers, cfg.num_heads) == (widths, layers, heads):
+            return enc, cfg
+    raise ValueError(f"decoder tensors match no known size (levels {widths}, {layers} transformer blocks, "
+                     f"{heads} heads); known sizes: {', '.join(DECODER_SIZES)}")
+
+
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], *, source: str) -> None:
+    """Strict key and shape match, naming the first few offenders of each kind."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: expected {tuple(s)}, found {tuple(found[k].shape)}"
+             for k, s in expected.items() if k in found and found[k].shape != s]
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {what}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the SSDD architecture: " + "; ".join(problems))
+    bad = [k for k, t in found.items() if not t.is_floating_point()]
+    if bad:
+        raise ValueError(f"{source}: non-floating-point tensors {bad[:5]}")
