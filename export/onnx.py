@@ -143,7 +143,7 @@ class EncoderGraph(nn.Module):
 # Export
 
 
-def _check_args(part: str, steps: int, opset: int | None, dtype: torch.dtype) -> int:
+def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dtype) -> int:
     if part not in ("decoder", "encoder"):
         raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -172,8 +172,8 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     After writing: `onnx.checker` and a check of every operator against the TensorRT 10.0 parser's list
     (a warning names any outside it).
     """
-    opset = _check_args(part, steps, opset, dtype)
-    onnx = _require("onnx")
+    opset = check_export_args(part, steps, opset, dtype)
+    _require("onnx")
     _require("onnxscript")
     path = Path(path)
     m = prepare_for_export(model)
@@ -205,7 +205,51 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     if dtype == torch.float16:
         proto = _to_fp16(proto, large=n_bytes > EXTERNAL_DATA_BYTES)
         n_bytes //= 2
-    external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    _save(proto, path, n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    log.info("exported %s (%s, opset %d, %s) to %s", part, meta["ssdd.decoder"], opset, meta["ssdd.dtype"], path)
+    return path
+
+
+def convert_to_fp16(src, dst, *, external_data: bool | None = None) -> Path:
+    """Write the fp16 variant of the fp32 graph `src` to `dst` (what export_onnx(dtype=torch.float16) writes)."""
+    onnx = _require("onnx")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {src}")
+    proto = onnx.load(str(src))
+    if any(p.key == "ssdd.dtype" and p.value != "float32" for p in proto.metadata_props):
+        raise ValueError(f"{src} is not an fp32 graph (metadata ssdd.dtype)")
+    n_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    proto = _to_fp16(proto, large=n_bytes > EXTERNAL_DATA_BYTES)
+    for p in proto.metadata_props:
+        if p.key == "ssdd.dtype":
+            p.value = "float16"
+    _save(proto, dst, n_bytes // 2 > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    return dst
+
+
+def _toposort(graph) -> None:
+    """Reorder graph.node topologically in place (the fp16 converter appends its input Casts at the end)."""
+    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a dangling input near node {rest[0].name!r}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _save(proto, path: Path, external: bool) -> None:
+    """Save (weights in `<name>.data` next to it when external), run onnx.checker, check the TensorRT op list."""
+    onnx = _require("onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -216,8 +260,6 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     missing = unsupported_trt_ops(path)
     if missing:
         log.warning("%s uses operators outside the TensorRT 10.0 ONNX parser's list: %s", path, ", ".join(missing))
-    log.info("exported %s (%s, opset %d, %s) to %s", part, meta["ssdd.decoder"], opset, meta["ssdd.dtype"], path)
-    return path
 
 
 def _to_fp16(proto, *, large: bool):
@@ -233,10 +275,13 @@ def _to_fp16(proto, *, large: bool):
             onnx.save_model(proto, str(src), save_as_external_data=True, location="fp32.data")
             onnx.shape_inference.infer_shapes_path(str(src), str(dst))
             proto = onnx.load(str(dst))
-        return float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
-                                                op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
-    return float16.convert_float_to_float16(proto, keep_io_types=True,
-                                            op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
+        proto = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
+                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
+    else:
+        proto = float16.convert_float_to_float16(proto, keep_io_types=True,
+                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
+    _toposort(proto.graph)
+    return proto
 
 
 # ---------------------------------------------------------------------------------------------------------
