@@ -281,6 +281,7 @@ def _to_fp16(proto, *, large: bool):
         proto = float16.convert_float_to_float16(proto, keep_io_types=True,
                                                  op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
     _toposort(proto.graph)
+    del proto.graph.value_info[:]  # the converter leaves some stale (fp32 entries for tensors now fp16)
     return proto
 
 

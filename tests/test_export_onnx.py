@@ -64,9 +64,9 @@ def decoder_session(decoder_onnx):
 # --- numerics -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["S_f8c4_128_b2", "S_f8c4_64_b1"])
-def test_decoder_reproduces_golden(decoder_session, case):
-    """One dynamic graph: batch 2 with the window active (16x16 grid) and batch 1 at 8x8 (window covers all)."""
+def test_decoder_reproduces_golden(decoder_session):
+    """Batch 2 with the window active (16x16 grid). (The other S golden cases use other weight seeds.)"""
+    case = "S_f8c4_128_b2"
     cfg, g = golden(case)
     assert (cfg["encoder"], cfg["decoder"], cfg["weight_seed"]) == ("f8c4", "S", 0)
     out = decoder_session.run(None, {"latent_sample": g["z_mean"].numpy(), "noise": g["noise"].numpy()})[0]
@@ -77,7 +77,7 @@ def test_decoder_reproduces_golden(decoder_session, case):
 
 
 def test_decoder_non_square_through_same_graph(model, decoder_onnx):
-    # 10 x 18 latent: window active along x (offsets up to 17 > 7), not along y; and 3 x 5 (smaller than the window)
+    # batch 1 (the export example had 2); 10 x 18 latent: window active along x (offsets up to 17 > 7), not along y; and 3 x 5 (smaller than the window)
     rows = eo.verify_onnx(model, decoder_onnx, latent_sizes=((10, 18), (3, 5)), batch=1)
     for row in rows:
         print(f"decoder {row['shape']}: ORT vs PyTorch max abs {row['max_abs']:.2e}")
