@@ -83,6 +83,7 @@ def run(decoder: str = "M", encoder: str = "f8c4", size: int = 256, batch: int =
         "best_ort": best_ort,
         "speedup_best_ort_vs_torch": round(median["torch_eager_fp32"] / median[best_ort], 3),
         "target_speedup": 1.2,
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "note": "shared machine (other jobs on the same cores): numbers are noisy",
     }
 
