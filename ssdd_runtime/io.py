@@ -99,27 +99,28 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latent file not found: {path}")
+    if path.suffix not in (".safetensors", ".npy", ".pt"):
+        raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                names = list(f.keys())
-                if len(names) != 1 and "latents" not in names:
-                    raise ValueError(f"{path} holds tensors {names[:5]}; expected one named 'latents'")
-                z = f.get_tensor("latents" if "latents" in names else names[0])
-                meta = json.loads((f.metadata() or {}).get("ssdd", "{}"))
-        elif path.suffix == ".npy":
-            z, meta = torch.from_numpy(np.load(path, allow_pickle=False)), {}
-        elif path.suffix == ".pt":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            z, meta = (obj["latents"], obj.get("metadata", {})) if isinstance(obj, dict) else (obj, {})
-        else:
-            raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
-    except ValueError:
-        raise
+        z, meta = _read_latents(path)
     except Exception as e:  # format-level failures of the three readers: name the file
         raise ValueError(f"could not read latents from {path}: {e}") from e
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
         raise ValueError(f"{path}: expected a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
     return z.float(), meta
+
+
+def _read_latents(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+            if "latents" not in names and len(names) != 1:
+                raise ValueError(f"tensors {names[:5]}; expected one named 'latents'")
+            return f.get_tensor("latents" if "latents" in names else names[0]), json.loads(
+                (f.metadata() or {}).get("ssdd", "{}"))
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)), {}
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return (obj["latents"], obj.get("metadata", {})) if isinstance(obj, dict) else (obj, {})

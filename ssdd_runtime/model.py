@@ -409,7 +409,8 @@ class TransformerBlock(nn.Module):
         mod = self.norm1.linear(ctx)  # (B, h, w, 2C): shift first, scale second
         u = kernels.ada_layer_norm(x, mod, grid, 1e-5, use_triton=use_triton)
         x = x + self.attn1(u, self.relative_position_bias.relative_bias_table, grid, use_triton)
-        return x + self.ff(self.norm2(x))
+        u = kernels.affine_layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, use_triton=use_triton)
+        return x + self.ff(u)
 
 
 # ---------------------------------------------------------------------------------------------------------

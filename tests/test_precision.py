@@ -1,0 +1,75 @@
+"""Low-precision decoding against our own fp32 output, and the non-finite safety net."""
+import pytest
+import torch
+
+from ssdd_runtime import SSDD
+from ssdd_runtime.testing import test_state_dict
+
+
+def psnr_nominal(out, ref):  # peak-to-peak 2: the nominal [-1, 1] image range
+    return (10 * torch.log10(4 / ((out - ref) ** 2).mean())).item()
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return test_state_dict("f8c4", "S", 0)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_decode_psnr(weights, dtype):
+    # Tiny case: this CPU has no fast bf16/fp16 convolutions.
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = SSDD.from_state_dict(weights).decode(z, generator=torch.Generator().manual_seed(1))
+    model = SSDD.from_state_dict(weights, dtype=dtype)
+    assert model.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    out = model.decode(z, generator=torch.Generator().manual_seed(1))
+    assert out.dtype == torch.float32  # the Euler state stays fp32
+    db = psnr_nominal(out, ref)
+    print(f"{dtype} vs fp32 decode PSNR: {db:.1f} dB")
+    assert db >= 30
+    post, post32 = model.encode(torch.zeros(1, 3, 32, 32)), SSDD.from_state_dict(weights).encode(torch.zeros(1, 3, 32, 32))
+    assert post.mean.dtype == torch.float32
+    assert psnr_nominal(post.mean, post32.mean) >= 30
+
+
+def test_fp16_overflow_is_retried_in_fp32_with_a_warning(weights):
+    sd = dict(weights)
+    sd["decoder.conv_out.weight"] = sd["decoder.conv_out.weight"] * 1e5  # outputs beyond fp16's 65504
+    z = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = SSDD.from_state_dict(sd).decode(z, generator=torch.Generator().manual_seed(1))
+    assert ref.abs().max() > 7e4  # the fp32 result itself is finite but out of fp16 range
+    model = SSDD.from_state_dict(sd, dtype="fp16")
+    with pytest.warns(RuntimeWarning, match="retrying this batch in float32"):
+        out = model.decode(z, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()
+    assert model.dtype == torch.float16  # restored after the retry
+    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_non_finite_fp32_output_raises(weights):
+    model = SSDD.from_state_dict(weights)
+    with torch.no_grad():
+        model.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.decode(torch.zeros(1, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+
+
+def test_batch_size_chunking_gives_the_same_result(s_model):
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = s_model.decode(z, generator=torch.Generator().manual_seed(7))
+    chunked = s_model.decode(z, generator=torch.Generator().manual_seed(7), batch_size=2)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(s_model.encode(x, batch_size=1).mean, s_model.encode(x).mean, atol=1e-5, rtol=0)
+
+
+def test_generator_makes_decoding_reproducible(s_model):
+    z = torch.randn(1, 4, 4, 4)
+    a = s_model.decode(z, generator=torch.Generator().manual_seed(3))
+    b = s_model.decode(z, generator=torch.Generator().manual_seed(3))
+    c = s_model.decode(z, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    post = s_model.encode(torch.zeros(1, 3, 32, 32))
+    assert torch.equal(post.sample(torch.Generator().manual_seed(0)), post.sample(torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(post.sample(torch.Generator().manual_seed(0)),
+                               post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)))
