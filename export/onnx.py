@@ -108,8 +108,13 @@ class ExportWindowAttention(nn.Module):
 
 
 def prepare_for_export(model: SSDDModule) -> SSDDModule:
-    """An fp32 eval copy of `model` whose windowed attentions are `ExportWindowAttention`s (same weights)."""
-    m = copy.deepcopy(model).float().eval()
+    """A plain fp32 `SSDDModule` copy of `model` (an `SSDD` loses its input validation, which does not trace)
+    whose windowed attentions are `ExportWindowAttention`s holding the same weights."""
+    if not isinstance(model, SSDDModule):
+        raise TypeError(f"model must be an SSDDModule or SSDD, got {type(model).__name__}")
+    m = SSDDModule(model.encoder_config, model.decoder_config)
+    m.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, strict=True)
+    m.eval()
     for block in m.decoder.mid_block.transformer_blocks:
         block.attn1 = ExportWindowAttention(block.attn1)
     return m
