@@ -128,7 +128,7 @@ def ada_group_norm_ref(x, num_groups: int, eps: float, *, weight=None, bias=None
             y = torch.addcmul(shift, y, 1 + scale)
         else:
             scale, shift = ctx_mod.float()[:, :, :, None, :, None].chunk(2, dim=1)  # (B, C, h, 1, w, 1)
-            y = torch.addcmul(shift, y.view(B, C, h, H // h, w, W // w), 1 + scale).view(B, C, H, W)
+            y = torch.addcmul(shift, y.view(B, C, h, H // h, w, W // w), 1 + scale).reshape(B, C, H, W)
     if time_mod is not None:
         scale, shift = time_mod.float()[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
         y = torch.addcmul(shift, y, 1 + scale)

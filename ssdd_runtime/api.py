@@ -105,8 +105,8 @@ class SSDD(SSDDModule):
         moments = [self._with_fp32_fallback("encode", lambda xb: super(SSDD, self).encode(xb),
                                             xb.to(self.device, self.dtype))
                    for xb in _chunks(x, batch_size)]
-        mean = torch.cat([m.mean.float() for m in moments])
-        logvar = torch.cat([m.logvar.float() for m in moments])
+        mean = torch.cat([m.mean.float() for m in moments]).contiguous()
+        logvar = torch.cat([m.logvar.float() for m in moments]).contiguous()
         return DiagonalGaussian(mean, logvar)
 
     # -- decode -----------------------------------------------------------------------------------------------

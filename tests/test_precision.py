@@ -73,3 +73,14 @@ def test_generator_makes_decoding_reproducible(s_model):
     assert torch.equal(post.sample(torch.Generator().manual_seed(0)), post.sample(torch.Generator().manual_seed(0)))
     torch.testing.assert_close(post.sample(torch.Generator().manual_seed(0)),
                                post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_channels_last_inputs(s_model):
+    """Images read from HWC buffers arrive channels_last; results must not depend on the memory format."""
+    x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = s_model.encode(x.contiguous(memory_format=torch.channels_last)).mode()
+    assert z.is_contiguous()
+    torch.testing.assert_close(z, s_model.encode(x).mode(), atol=1e-5, rtol=0)
+    z_cl = z.contiguous(memory_format=torch.channels_last)
+    out = s_model.decode(z_cl, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, s_model.decode(z, generator=torch.Generator().manual_seed(1)), atol=1e-5, rtol=0)

@@ -1,0 +1,155 @@
+"""Latent normalisation for latent-diffusion users: per-checkpoint scaling/shift and `ssdd stats`.
+
+SSDD latents are the raw means of the encoder's Gaussian (spec 1.2, 5): no scaling factor is applied anywhere
+in SSDD itself. A diffusion model trained on them wants roughly unit-variance inputs, so diffusers-style
+pipelines normalise with the VAE config's two numbers:
+
+    z_diffusion = (z - shift_factor) * scaling_factor        # before training / after encode
+    z           = z_diffusion / scaling_factor + shift_factor # before decode (SD3/Flux style; DiT and SD1.x
+                                                              # pipelines only divide by scaling_factor)
+
+With measured latent statistics (mean m, std s over a dataset) the natural choice is shift_factor = m and
+scaling_factor = 1 / s; `compute_latent_stats` / `ssdd stats` measure them. No statistics are published for
+the facebook/SSDD checkpoints, so `LATENT_STATS` is empty and every checkpoint defaults to 1.0 / 0.0 (no
+normalisation) until a user supplies a stats JSON or explicit numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Hub filename (as in ssdd_runtime.weights.KNOWN_FILES) -> (scaling_factor, shift_factor). Only numbers measured
+# on the real checkpoint over a stated dataset belong here; none have been published or measured yet.
+LATENT_STATS: dict[str, tuple[float, float]] = {}
+
+DEFAULT_SCALING_FACTOR = 1.0
+DEFAULT_SHIFT_FACTOR = 0.0
+
+
+def known_file(checkpoint: str | os.PathLike | None) -> str | None:
+    """The KNOWN_FILES name a checkpoint path ends with (Hub cache paths keep the repo layout), else None."""
+    from ssdd_runtime.weights import KNOWN_FILES
+
+    if checkpoint is None:
+        return None
+    p = Path(checkpoint).as_posix()
+    return next((name for name in KNOWN_FILES if p == name or p.endswith("/" + name)), None)
+
+
+def latent_normalization(checkpoint: str | os.PathLike | None = None, *, stats: str | os.PathLike | dict | None = None,
+                         scaling_factor: float | None = None, shift_factor: float | None = None) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) for a checkpoint. Priority: explicit numbers, then a stats JSON written by
+    `ssdd stats` (or its dict), then `LATENT_STATS[known file name]`, then 1.0 / 0.0."""
+    scale, shift = DEFAULT_SCALING_FACTOR, DEFAULT_SHIFT_FACTOR
+    name = known_file(checkpoint)
+    if name in LATENT_STATS:
+        scale, shift = LATENT_STATS[name]
+    if stats is not None:
+        d = stats if isinstance(stats, dict) else json.loads(Path(stats).read_text(encoding="utf-8"))
+        if "scaling_factor" not in d or "shift_factor" not in d:
+            raise ValueError(f"latent stats must hold 'scaling_factor' and 'shift_factor' (from `ssdd stats`), "
+                             f"got keys {sorted(d)}")
+        scale, shift = float(d["scaling_factor"]), float(d["shift_factor"])
+    if scaling_factor is not None:
+        scale = float(scaling_factor)
+    if shift_factor is not None:
+        shift = float(shift_factor)
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"scaling_factor must be a positive finite number, got {scale!r}")
+    return scale, shift
+
+
+def checkpoint_id(path: str | os.PathLike) -> str:
+    """`<file name>@sha256:<16 hex>` of a checkpoint file: identifies the weights, whatever the path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return f"{Path(path).name}@sha256:{h.hexdigest()[:16]}"
+
+
+@dataclass
+class LatentStats:
+    """Running mean/variance in float64 (Chan et al. pairwise merge: no E[x^2]-E[x]^2 cancellation)."""
+
+    channels: int
+    count: int = 0  # values per channel
+    mean: torch.Tensor = field(default=None)  # (C,) float64
+    m2: torch.Tensor = field(default=None)  # (C,) float64 sum of squared deviations
+
+    def __post_init__(self):
+        if self.mean is None:
+            self.mean = torch.zeros(self.channels, dtype=torch.float64)
+            self.m2 = torch.zeros(self.channels, dtype=torch.float64)
+
+    def update(self, z: torch.Tensor) -> None:  # z: (B, C, h, w)
+        v = z.detach().double().cpu().transpose(0, 1).reshape(self.channels, -1)  # (C, N)
+        n = v.shape[1]
+        if n == 0:
+            return
+        mean_b = v.mean(1)
+        m2_b = ((v - mean_b[:, None]) ** 2).sum(1)
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2_b + delta ** 2 * (self.count * n / total)
+        self.count = total
+
+    def summary(self) -> dict:
+        if self.count < 2:
+            raise ValueError(f"need at least 2 latent values per channel for a std, got {self.count}")
+        C, n = self.channels, self.count
+        mean = float(self.mean.mean())  # every channel has n values: the global mean is the channel average
+        m2 = float(self.m2.sum() + (n * (self.mean - mean) ** 2).sum())
+        std = (m2 / (C * n - 1)) ** 0.5
+        return {"mean": mean, "std": std, "channel_mean": self.mean.tolist(),
+                "channel_std": (self.m2 / (n - 1)).sqrt().tolist(), "values_per_channel": n,
+                "scaling_factor": 1.0 / std, "shift_factor": mean}
+
+
+def compute_latent_stats(model, paths: list[str | os.PathLike], *, batch_size: int = 8) -> dict:
+    """Encode images (center-cropped to multiples of the stride) with `model.encode(x).mode()` and return the
+    latent mean/std (global and per channel) plus `scaling_factor = 1/std`, `shift_factor = mean`.
+    Unreadable images are skipped and listed under "errors" (path -> message); they never stop the run."""
+    from ssdd_runtime.io import load_image
+
+    if not paths:
+        raise ValueError("no images given")
+    acc = LatentStats(model.decoder_config.z_dim)
+    errors: dict[str, str] = {}
+    pending: list[torch.Tensor] = []
+    num_images = 0
+
+    def flush():
+        nonlocal pending
+        if pending:
+            acc.update(model.encode(torch.cat(pending)).mode())
+            pending = []
+
+    for p in paths:
+        try:
+            x = load_image(p, multiple_of=model.stride)
+        except (ValueError, FileNotFoundError) as e:
+            log.warning("skipping %s: %s", p, e)
+            errors[str(p)] = str(e)
+            continue
+        if pending and (pending[0].shape != x.shape or len(pending) >= batch_size):
+            flush()
+        pending.append(x)
+        num_images += 1
+    flush()
+    if num_images == 0:
+        raise ValueError(f"none of the {len(paths)} images could be read: {errors}")
+    out = acc.summary()
+    out.update(num_images=num_images, num_errors=len(errors), errors=errors,
+               encoder=model.encoder_config.name, decoder=model.decoder_config.size,
+               checkpoint=getattr(model, "checkpoint", None))
+    return out

@@ -1,0 +1,211 @@
+"""SSDDVAE inside real diffusers code: DiTPipeline end to end, and the img2img encode path (VaeImageProcessor +
+retrieve_latents). Tiny random DiT, SSDD-S f8c4 with the deterministic test weights, CPU; 64x64 images for the
+DiT pipeline (8x8 latents), 32x32 elsewhere."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pip install 'ssdd-runtime[test]')")
+
+from ssdd_runtime.model import randn  # noqa: E402
+
+SCALING = 0.7  # not 1.0, so a pipeline that forgot to unscale would fail
+NOISE_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def model(s_model):  # conftest: SSDD-S f8c4 with the deterministic test weights (shared: never mutated here)
+    return s_model
+
+
+def make_vae(model, **kw):
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    kw = {"scaling_factor": SCALING, "noise_seed": NOISE_SEED, **kw}
+    return SSDDVAE.from_model(copy.deepcopy(model), **kw)
+
+
+def tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=8, patch_size=2, norm_num_groups=32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # DiT zero-initialises its adaLN/output layers: randomise so every layer matters
+        for p in tr.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return tr.eval()
+
+
+def dit_pipeline(vae):
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def spy_final_latents(pipe) -> list[torch.Tensor]:
+    """Record every scheduler output: the last one is the pipeline's final latents (before VAE scaling)."""
+    seen, step = [], pipe.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        seen.append(out.prev_sample.clone())
+        return out
+
+    pipe.scheduler.step = recording_step
+    return seen
+
+
+def seeded_noise(n: int, size: int) -> torch.Tensor:
+    return randn((1, 3, size, size), generator=torch.Generator().manual_seed(NOISE_SEED)).expand(n, -1, -1, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dit_pipeline_images_are_our_decode_of_its_latents(model, dtype):
+    vae = make_vae(model)
+    pipe = dit_pipeline(vae).to(dtype)
+    assert vae.dtype == dtype and vae.ssdd.dtype == dtype and pipe.transformer.dtype == dtype
+    seen = spy_final_latents(pipe)
+
+    def run(seed):
+        return pipe(class_labels=[3, 7], guidance_scale=4.0, num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    images = run(0)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == dtype
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+
+    # What diffusers does after the loop: drop the CFG half, latents / scaling_factor, decode, x/2 + 0.5, clamp.
+    latents = seen[-1].chunk(2)[0]
+    assert latents.shape == (2, 4, 8, 8) and latents.dtype == dtype
+    ours = vae.ssdd.decode(1 / SCALING * latents, noise=seeded_noise(2, 64), steps=1)  # core API, fp32 out
+    expected = (ours.to(dtype) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    assert float(expected.float().std()) > 0.05  # a real image, not a constant
+
+    if dtype == torch.bfloat16:  # bf16 weights decode close to the fp32 model on the same latents
+        ref = model.decode(1 / SCALING * latents.float(), noise=seeded_noise(2, 64), steps=1)
+        err = float(((ref / 2 + 0.5).clamp(0, 1) - images.float()).abs().mean())
+        assert err < 0.03, err
+
+    # generator makes runs repeatable (here through the default PIL output, whatever the global RNG); another
+    # seed changes the latents and so the images
+    torch.manual_seed(123)
+    pils = pipe(class_labels=[3, 7], guidance_scale=4.0, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0)).images
+    assert [p.size for p in pils] == [(64, 64)] * 2
+    np.testing.assert_array_equal(np.stack([np.asarray(p) for p in pils]),
+                                  (images.float().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    assert not torch.equal(run(1), images)
+
+
+def test_config_contract():
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    with torch.device("meta"):
+        f8, f16 = SSDDVAE(encoder="f8c4", decoder="S"), SSDDVAE(encoder="f16c4", decoder="S")
+    for vae, stride in ((f8, 8), (f16, 16)):
+        c = vae.config
+        assert 2 ** (len(c.block_out_channels) - 1) == stride  # how pipelines compute vae_scale_factor
+        assert c.latent_channels == 4 and c.force_upcast is False
+        assert (c.scaling_factor, c.shift_factor, c.decode_steps, c.noise_seed) == (1.0, 0.0, 1, 0)
+    with pytest.raises(ValueError, match="block_out_channels"):
+        SSDDVAE(encoder="f8c4", block_out_channels=(128, 256))
+    with pytest.raises(ValueError, match="force_upcast"):
+        SSDDVAE(force_upcast=True)
+    with pytest.raises(TypeError, match="ssdd_runtime.SSDD"):
+        SSDDVAE.from_model(torch.nn.Linear(2, 2))
+
+
+def test_img2img_encode_path(model):
+    """The encode half of an img2img pipeline: VaeImageProcessor.preprocess -> vae.encode -> retrieve_latents
+    (diffusers' own helper) -> * scaling_factor; then decode back through the pipeline's vae."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.ltx.pipeline_ltx_latent_upsample import retrieve_latents
+    from PIL import Image
+
+    pipe = dit_pipeline(make_vae(model))
+    vae = pipe.vae
+    proc = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    rng = np.random.default_rng(0)
+    pils = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    x = proc.preprocess(pils)  # (2, 3, 32, 32) in [-1, 1]
+    assert x.shape == (2, 3, 32, 32)
+
+    out = vae.encode(x)
+    direct = vae.ssdd.encode(x)  # our own encode, same module
+    torch.testing.assert_close(retrieve_latents(out, sample_mode="argmax"), direct.mode(), rtol=0, atol=0)
+    s1 = retrieve_latents(out, generator=torch.Generator().manual_seed(1))
+    s1b = retrieve_latents(vae.encode(x), generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(direct.mean.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(s1, direct.mean + direct.std * eps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s1b, s1, rtol=0, atol=0)
+    assert (vae.encode(x, return_dict=False)[0].mean == direct.mean).all()
+
+    init_latents = vae.config.scaling_factor * direct.mode()  # what img2img feeds the denoiser
+    z_in = init_latents / vae.config.scaling_factor  # ... and what it hands back to the vae after denoising
+    img = vae.decode(z_in).sample
+    torch.testing.assert_close(img, vae.ssdd.decode(z_in, noise=seeded_noise(2, 32)), rtol=0, atol=0)
+    # AutoencoderKL.forward semantics: encode, mode, decode (z_in is the mode up to rounding of * / SCALING)
+    torch.testing.assert_close(vae(x).sample, img, rtol=1e-4, atol=1e-4)
+    assert proc.postprocess(img, output_type="pt").shape == (2, 3, 32, 32)
+
+    # bf16 vae: distribution in bf16, close to fp32
+    vae16 = make_vae(model).to(torch.bfloat16)
+    mode16 = vae16.encode(x.to(torch.bfloat16)).latent_dist.mode()
+    assert mode16.dtype == torch.bfloat16
+    rel = float((mode16.float() - direct.mode()).norm() / direct.mode().norm())
+    assert rel < 0.05, rel
+
+
+def test_generator_and_slicing_semantics(model):
+    vae = make_vae(model)
+    z = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1).mode()
+    full = vae.decode(z).sample
+    # default noise is the same for every image, so decoding is batch-independent: image 1 alone decodes the same
+    torch.testing.assert_close(vae.decode(z[1:2]).sample, full[1:2], rtol=1e-5, atol=1e-5)
+    # a generator: the whole batch's noise is drawn first, so slicing does not change the result
+    gen_full = vae.decode(z, generator=torch.Generator().manual_seed(9)).sample
+    expected = vae.ssdd.decode(z, noise=randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(9)))
+    torch.testing.assert_close(gen_full, expected, rtol=0, atol=0)
+    assert not torch.allclose(gen_full, full)
+    vae.enable_slicing()
+    gen_sliced = vae.decode(z, generator=torch.Generator().manual_seed(9)).sample
+    vae.disable_slicing()
+    torch.testing.assert_close(gen_sliced, gen_full, rtol=1e-5, atol=1e-5)
+    # a list of generators: one per image, as pipelines pass them
+    lst = vae.decode(z, generator=[torch.Generator().manual_seed(s) for s in (4, 6)]).sample
+    torch.testing.assert_close(lst[1:2], vae.decode(z[1:2], generator=[torch.Generator().manual_seed(6)]).sample,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one torch.Generator per image"):
+        vae.decode(z, generator=[torch.Generator()])
+    # steps are configurable per call and change the result
+    two = vae.decode(z[:1], steps=2).sample
+    torch.testing.assert_close(two, vae.ssdd.decode(z[:1], steps=2, noise=seeded_noise(1, 32)), rtol=0, atol=0)
+    assert not torch.allclose(two, full[:1])
+    # tiling is refused with the reason, not silently ignored
+    with pytest.raises(NotImplementedError, match="GroupNorm"):
+        vae.enable_tiling()
+    vae.disable_tiling()
+    # noise_seed=None: the global RNG, like the official code
+    glob = make_vae(model, noise_seed=None)
+    torch.manual_seed(0)
+    a = glob.decode(z[:1]).sample
+    torch.manual_seed(0)
+    torch.testing.assert_close(glob.decode(z[:1]).sample, a, rtol=0, atol=0)
+    assert not torch.allclose(glob.decode(z[:1]).sample, a)
+
+
+def test_import_does_not_import_diffusers():
+    code = ("import sys, ssdd_runtime, ssdd_runtime.integrations.diffusers, ssdd_runtime.integrations.ray; "
+            "assert 'diffusers' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
