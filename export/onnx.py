@@ -55,34 +55,6 @@ def _require(module: str):
 # The export transform: same math, TensorRT-friendly form
 
 
-def window_bias(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(heads, N, N) fp32 relative-position bias for a Gh x Gw grid, equal to `kernels.relative_position_bias`.
-
-    Export form: the table is gathered separably (rows by dy, then columns by dx) with 1-D `Gather`s whose
-    indices come from `Range`; out-of-window offsets are redirected to index 0 with `Where` and masked to the
-    official -1e7 afterwards, so no integer Clip/Abs (not in TensorRT's parser for integer types) and no `%`.
-    """
-    Gh, Gw = grid
-    K = table.shape[0]
-    W = K // 2
-    heads = table.shape[-1]
-
-    def offsets(G):  # (G, G) index into the table axis for query row minus key row, and whether inside the window
-        r = torch.arange(G, device=table.device)
-        d = r[:, None] - r[None, :] + W
-        inside = (d >= 0) & (d < K)
-        return torch.where(inside, d, torch.zeros_like(d)), inside
-
-    iy, in_y = offsets(Gh)
-    ix, in_x = offsets(Gw)
-    t = table.float().permute(2, 0, 1)  # (heads, K, K)
-    t = t.index_select(1, iy.reshape(-1)).reshape(heads, Gh, Gh, K)  # (heads, yi, yj, K)
-    t = t.index_select(3, ix.reshape(-1)).reshape(heads, Gh, Gh, Gw, Gw)  # (heads, yi, yj, xi, xj)
-    bias = t.permute(0, 1, 3, 2, 4).reshape(heads, Gh * Gw, Gh * Gw)  # (heads, (yi, xi), (yj, xj))
-    inside = (in_y[:, None, :, None] & in_x[None, :, None, :]).reshape(Gh * Gw, Gh * Gw)
-    return torch.where(inside, bias, torch.full_like(bias, kernels.attention.MASKED))
-
-
 class ExportWindowAttention(nn.Module):
     """Drop-in for `model.Attention` holding the same projections: softmax((q / sqrt(d)) k^T + bias) v.
 
@@ -102,7 +74,8 @@ class ExportWindowAttention(nn.Module):
         q, k, v = (proj(u).reshape(B, N, self.heads, dh).transpose(1, 2)
                    for proj in (self.to_q, self.to_k, self.to_v))  # (B, heads, N, dh)
         q = q * (1.0 / math.sqrt(dh))
-        logits = q @ k.transpose(-1, -2) + window_bias(table, grid).to(q.dtype)  # (B, heads, N, N)
+        bias = kernels.relative_position_bias(table, grid).to(q.dtype)  # (heads, N, N), built in the graph
+        logits = q @ k.transpose(-1, -2) + bias  # (B, heads, N, N)
         o = logits.softmax(dim=-1) @ v  # (B, heads, N, dh)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
 

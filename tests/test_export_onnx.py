@@ -104,12 +104,6 @@ def test_encoder_parity(api_model, encoder_onnx):
     assert rows[0]["max_abs"] <= TOL
 
 
-def test_window_bias_equals_reference():
-    table = torch.randn(15, 15, 4, generator=torch.Generator().manual_seed(0))
-    for grid in [(1, 1), (3, 5), (8, 8), (16, 16), (9, 20), (20, 9)]:
-        assert torch.equal(eo.window_bias(table, grid), kernels.relative_position_bias(table, grid)), grid
-
-
 def test_export_attention_equals_model_attention(model):
     block = model.decoder.mid_block.transformer_blocks[0]
     table = block.relative_position_bias.relative_bias_table
