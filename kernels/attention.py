@@ -94,17 +94,31 @@ def _window_attention_kernel(Q, K, V, T, O,
 
 
 def relative_position_bias(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Dense (heads, N, N) fp32 bias for a Gh x Gw grid. Built fresh on every call: no cache survives a
-    weight change (the official LRU cache does, spec 6.12). Uses no `%`/`//` on sizes so it exports to ONNX."""
+    """Dense (heads, N, N) fp32 bias for a Gh x Gw grid, built fresh on every call: no cache survives a weight
+    change (the official LRU cache does, spec 6.12).
+
+    The table is gathered separably (rows by dy, then columns by dx) with 1-D index_selects whose indices come
+    from arange; out-of-window offsets read index 0 and are masked to -1e7 afterwards. This form is also the
+    ONNX export's: no `%`/`//` on dynamic sizes, no integer Clip/Abs (TensorRT's parser lacks them)."""
     Gh, Gw = grid
-    W = table.shape[0] // 2
-    ys = torch.arange(Gh, device=table.device)[:, None].expand(Gh, Gw).reshape(-1)  # (N,) row of each token
-    xs = torch.arange(Gw, device=table.device)[None, :].expand(Gh, Gw).reshape(-1)  # (N,) column
-    dy = ys[:, None] - ys[None, :]  # (N, N) query minus key
-    dx = xs[:, None] - xs[None, :]
-    inside = (dy.abs() <= W) & (dx.abs() <= W)
-    bias = table.float()[dy.clamp(-W, W) + W, dx.clamp(-W, W) + W]  # (N, N, heads)
-    return bias.permute(2, 0, 1).masked_fill(~inside, MASKED)
+    K = table.shape[0]
+    W = K // 2
+    heads = table.shape[-1]
+
+    def offsets(G):  # (G, G): table index of query row minus key row, and whether it is inside the window
+        r = torch.arange(G, device=table.device)
+        d = r[:, None] - r[None, :] + W
+        inside = (d >= 0) & (d < K)
+        return torch.where(inside, d, torch.zeros_like(d)), inside
+
+    iy, in_y = offsets(Gh)
+    ix, in_x = offsets(Gw)
+    t = table.float().permute(2, 0, 1)  # (heads, K, K)
+    t = t.index_select(1, iy.reshape(-1)).reshape(heads, Gh, Gh, K)  # (heads, yi, yj, K)
+    t = t.index_select(3, ix.reshape(-1)).reshape(heads, Gh, Gh, Gw, Gw)  # (heads, yi, yj, xi, xj)
+    bias = t.permute(0, 1, 3, 2, 4).reshape(heads, Gh * Gw, Gh * Gw)  # (heads, (yi, xi), (yj, xj))
+    inside = (in_y[:, None, :, None] & in_x[None, :, None, :]).reshape(Gh * Gw, Gh * Gw)
+    return torch.where(inside, bias, torch.full_like(bias, MASKED))
 
 
 def window_attention_ref(q, k, v, table, grid, *, upcast: bool = False) -> torch.Tensor:

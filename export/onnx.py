@@ -1,0 +1,367 @@
+"""ONNX export of the SSDD decoder (latent -> image, a fixed number of Euler steps) and encoder (image -> moments).
+
+Graphs (names are the contract with TensorRT profiles and Triton configs):
+    decoder: latent_sample (B, C, h, w), noise (B, 3, h*F, w*F) -> sample (B, 3, h*F, w*F)
+    encoder: image (B, 3, H, W) -> latent_mean (B, C, H/F, W/F), latent_logvar (B, C, H/F, W/F)
+B, h, w (H, W) are dynamic, non-square included. The decoder graph is `SSDDModule.sample(..., use_triton=False)`
+(the PyTorch reference path), unrolled over `steps`, with one explicit transform applied to a copy of the model
+(`prepare_for_export`): each windowed attention is replaced by `ExportWindowAttention`, which computes the same
+softmax(q k^T / sqrt(d) + bias) v in the form TensorRT fuses into one MHA kernel (scale on Q before the first
+MatMul, see the TensorRT guide "Fused Attention") and builds the relative-position bias in the graph for
+whatever token grid arrives, with integer ops TensorRT's parser takes (no integer Clip/Abs, no `%`).
+Everything else (convolutions, norms, FiLM, GEGLU, the Euler loop) runs the model's own modules.
+
+Opset 18..20: torch's dynamo exporter needs >= 18, the TensorRT 10.0 ONNX parser reads <= 20. The operators
+used are checked against `trt10_onnx_ops.txt` after every export. Verified here: ONNX Runtime (CPU) against
+PyTorch fp32 on CPU (tests/test_export_onnx.py). Not verified here: TensorRT parsing (no TensorRT, no GPU).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssdd_runtime import kernels
+from ssdd_runtime.model import Attention, SSDDModule
+
+log = logging.getLogger(__name__)
+
+DECODER_INPUTS = ("latent_sample", "noise")
+DECODER_OUTPUTS = ("sample",)
+ENCODER_INPUTS = ("image",)
+ENCODER_OUTPUTS = ("latent_mean", "latent_logvar")
+OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 18, 20, 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to `<file>.data` (protobuf's hard limit is 2 GiB)
+# Kept in fp32 by the fp16 variant: normalisation statistics and softmax (plus onnxruntime's default list).
+FP16_KEEP_FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean",
+                      "Softmax")
+ONNX_HINT = "pip install 'ssdd-runtime[onnx]' (onnx, onnxruntime, onnxscript)"
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs the `{module}` package: {ONNX_HINT}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The export transform: same math, TensorRT-friendly form
+
+
+class ExportWindowAttention(nn.Module):
+    """Drop-in for `model.Attention` holding the same projections: softmax((q / sqrt(d)) k^T + bias) v.
+
+    Written out as MatMul -> Add -> Softmax -> MatMul with the scale multiplied into Q first, the pattern
+    TensorRT fuses into its MHA kernel (a fused SDPA node would be decomposed by the exporter with sqrt(scale)
+    on both Q and K^T instead). The math is `kernels.window_attention_ref`; tests check they agree.
+    """
+
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.heads = attn.heads
+        self.to_q, self.to_k, self.to_v, self.out_proj = attn.to_q, attn.to_k, attn.to_v, attn.out_proj
+
+    def forward(self, u, table, grid, use_triton=None):
+        B, N, C = u.shape
+        dh = C // self.heads
+        q, k, v = (proj(u).reshape(B, N, self.heads, dh).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))  # (B, heads, N, dh)
+        q = q * (1.0 / math.sqrt(dh))
+        bias = kernels.relative_position_bias(table, grid).to(q.dtype)  # (heads, N, N), built in the graph
+        logits = q @ k.transpose(-1, -2) + bias  # (B, heads, N, N)
+        o = logits.softmax(dim=-1) @ v  # (B, heads, N, dh)
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+def prepare_for_export(model: SSDDModule) -> SSDDModule:
+    """A plain fp32 `SSDDModule` copy of `model` (an `SSDD` loses its input validation, which does not trace)
+    whose windowed attentions are `ExportWindowAttention`s holding the same weights."""
+    if not isinstance(model, SSDDModule):
+        raise TypeError(f"model must be an SSDDModule or SSDD, got {type(model).__name__}")
+    m = SSDDModule(model.encoder_config, model.decoder_config)
+    m.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, strict=True)
+    m.eval()
+    for block in m.decoder.mid_block.transformer_blocks:
+        block.attn1 = ExportWindowAttention(block.attn1)
+    return m
+
+
+class DecoderGraph(nn.Module):
+    """(latent_sample, noise) -> sample: `steps` unrolled Euler steps of the reference path."""
+
+    def __init__(self, model: SSDDModule, steps: int = 1, t_pow_shift: float = 2.0):
+        super().__init__()
+        self.model, self.steps, self.t_pow_shift = model, steps, t_pow_shift
+
+    def forward(self, latent_sample, noise):
+        return self.model.sample(latent_sample, noise, steps=self.steps, t_pow_shift=self.t_pow_shift,
+                                 use_triton=False)
+
+
+class EncoderGraph(nn.Module):
+    """image -> (latent_mean, latent_logvar), logvar clamped to [-30, 20] as in `encode`."""
+
+    def __init__(self, model: SSDDModule):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        post = self.model.encode(image)
+        return post.mean, post.logvar
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dtype) -> int:
+    if part not in ("decoder", "encoder"):
+        raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    opset = OPSET_DEFAULT if opset is None else opset
+    if not isinstance(opset, int) or not OPSET_MIN <= opset <= OPSET_MAX:
+        raise ValueError(f"unsupported opset {opset!r}: expected {OPSET_MIN}..{OPSET_MAX} (torch's dynamo exporter "
+                         f"needs >= {OPSET_MIN}; the TensorRT 10.0 ONNX parser reads <= {OPSET_MAX})")
+    if dtype == torch.bfloat16:
+        raise ValueError("dtype torch.bfloat16 is not exported: ONNX Runtime's CPU provider has no bf16 kernels to "
+                         "check it against; build a bf16 TensorRT engine from the fp32 graph "
+                         "(`ssdd export tensorrt --precision bf16`) instead")
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}")
+    return opset
+
+
+def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 1, opset: int | None = None,
+                dtype: torch.dtype = torch.float32, t_pow_shift: float = 2.0,
+                external_data: bool | None = None) -> Path:
+    """Write `part` of `model` to `path` as ONNX and check it; returns the path.
+
+    steps: Euler steps unrolled into the decoder graph (1 = single-step decoding). dtype=torch.float16 writes
+    the fp16 variant (fp32 inputs/outputs; norm statistics and softmax stay fp32, see FP16_KEEP_FP32_OPS).
+    external_data: None = automatic (weights over ~1.8 GB go to `<path>.data` next to the file).
+    After writing: `onnx.checker` and a check of every operator against the TensorRT 10.0 parser's list
+    (a warning names any outside it).
+    """
+    opset = check_export_args(part, steps, opset, dtype)
+    _require("onnx")
+    _require("onnxscript")
+    path = Path(path)
+    m = prepare_for_export(model)
+    F, C = m.stride, m.decoder_config.z_dim
+    B, h, w = torch.export.Dim("batch", min=1), torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+    # Example sizes != 1 (torch.export specialises dims of size 1) and non-square, so neither gets baked in.
+    if part == "decoder":
+        graph = DecoderGraph(m, steps, t_pow_shift)
+        args = (torch.randn(2, C, 4, 6), torch.randn(2, 3, 4 * F, 6 * F))
+        names, outputs = DECODER_INPUTS, DECODER_OUTPUTS
+        dynamic = {"latent_sample": {0: B, 2: h, 3: w}, "noise": {0: B, 2: F * h, 3: F * w}}
+    else:
+        graph = EncoderGraph(m)
+        args = (torch.randn(2, 3, 4 * F, 6 * F),)
+        names, outputs = ENCODER_INPUTS, ENCODER_OUTPUTS
+        dynamic = {"image": {0: B, 2: F * h, 3: F * w}}
+    with torch.no_grad():
+        program = torch.onnx.export(graph.eval(), args, dynamo=True, opset_version=opset, input_names=list(names),
+                                    output_names=list(outputs), dynamic_shapes=dynamic, verbose=False)
+    proto = program.model_proto
+    meta = {"ssdd.part": part, "ssdd.encoder": m.encoder_config.name, "ssdd.decoder": m.decoder_config.size,
+            "ssdd.stride": str(F), "ssdd.z_dim": str(C), "ssdd.steps": str(steps) if part == "decoder" else "",
+            "ssdd.t_pow_shift": str(t_pow_shift) if part == "decoder" else "",
+            "ssdd.dtype": "float16" if dtype == torch.float16 else "float32"}
+    for key, value in meta.items():
+        if value:
+            proto.metadata_props.add(key=key, value=value)
+    n_bytes = sum(p.numel() * 4 for p in (m.decoder if part == "decoder" else m.encoder).parameters())
+    if dtype == torch.float16:
+        proto = _to_fp16(proto, large=n_bytes > EXTERNAL_DATA_BYTES)
+        n_bytes //= 2
+    _save(proto, path, n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    log.info("exported %s (%s, opset %d, %s) to %s", part, meta["ssdd.decoder"], opset, meta["ssdd.dtype"], path)
+    return path
+
+
+def convert_to_fp16(src, dst, *, external_data: bool | None = None) -> Path:
+    """Write the fp16 variant of the fp32 graph `src` to `dst` (what export_onnx(dtype=torch.float16) writes)."""
+    onnx = _require("onnx")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {src}")
+    proto = onnx.load(str(src))
+    if any(p.key == "ssdd.dtype" and p.value != "float32" for p in proto.metadata_props):
+        raise ValueError(f"{src} is not an fp32 graph (metadata ssdd.dtype)")
+    n_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    proto = _to_fp16(proto, large=n_bytes > EXTERNAL_DATA_BYTES)
+    for p in proto.metadata_props:
+        if p.key == "ssdd.dtype":
+            p.value = "float16"
+    _save(proto, dst, n_bytes // 2 > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    return dst
+
+
+def _toposort(graph) -> None:
+    """Reorder graph.node topologically in place (the fp16 converter appends its input Casts at the end)."""
+    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a dangling input near node {rest[0].name!r}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _save(proto, path: Path, external: bool) -> None:
+    """Save (weights in `<name>.data` next to it when external), run onnx.checker, check the TensorRT op list."""
+    onnx = _require("onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path))
+    missing = unsupported_trt_ops(path)
+    if missing:
+        log.warning("%s uses operators outside the TensorRT 10.0 ONNX parser's list: %s", path, ", ".join(missing))
+
+
+def _to_fp16(proto, *, large: bool):
+    """fp16 weights and activations with fp32 inputs/outputs; FP16_KEEP_FP32_OPS run in fp32 behind Casts.
+    Constants are clipped to the fp16 range (the -1e7 window mask becomes -65504: still exp() = 0)."""
+    float16 = _require("onnxruntime.transformers.float16")
+    if large:  # protobuf cannot serialise > 2 GiB for onnx's in-memory shape inference: infer through files
+        import tempfile
+
+        onnx = _require("onnx")
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "fp32_shapes.onnx"
+            onnx.save_model(proto, str(src), save_as_external_data=True, location="fp32.data")
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+            proto = onnx.load(str(dst))
+        proto = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
+                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
+    else:
+        proto = float16.convert_float_to_float16(proto, keep_io_types=True,
+                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
+    _toposort(proto.graph)
+    del proto.graph.value_info[:]  # the converter leaves some stale (fp32 entries for tensors now fp16)
+    return proto
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inspection and checks
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The `ssdd.*` metadata an export writes (part, encoder, decoder, stride, z_dim, steps, dtype)."""
+    onnx = _require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props if p.key.startswith("ssdd.")}
+
+
+def graph_io(path) -> dict[str, list[tuple[str, int, tuple]]]:
+    """{"inputs": [(name, onnx elem_type, dims)], "outputs": [...]}, dims as ints or dim_param strings."""
+    onnx = _require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def rows(values):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
+
+    return {"inputs": rows(proto.graph.input), "outputs": rows(proto.graph.output)}
+
+
+def onnx_ops(path) -> dict[str, int]:
+    """Operator histogram of a graph, {op_type: count} (default domain only; other domains keep their prefix)."""
+    onnx = _require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        name = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def trt10_supported_ops() -> frozenset[str]:
+    """Operators the TensorRT 10.0 ONNX parser imports, from trt10_onnx_ops.txt (source in its header)."""
+    text = (Path(__file__).parent / "trt10_onnx_ops.txt").read_text(encoding="utf-8")
+    return frozenset(line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def unsupported_trt_ops(path) -> list[str]:
+    """Operators of the graph outside the TensorRT 10.0 list, plus a note if its opset is above 20."""
+    onnx = _require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    bad = sorted(set(onnx_ops(path)) - trt10_supported_ops())
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > OPSET_MAX:
+        bad.append(f"opset {opset} > {OPSET_MAX}")
+    return bad
+
+
+def ort_session(path, *, threads: int | None = None, optimization: str = "all"):
+    """An onnxruntime CPU InferenceSession. optimization: 'disable', 'basic', 'extended' or 'all'."""
+    ort = _require("onnxruntime")
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch: int = 1, seed: int = 0,
+                threads: int | None = None) -> list[dict]:
+    """Compare ONNX Runtime (CPU) with PyTorch fp32 (reference path) at each latent size (h, w).
+
+    Returns [{"shape": ..., "max_abs": ..., "outputs": [...]}]; the shape is the decoder's latent or the
+    encoder's image. Uses the graph's `ssdd.*` metadata for the part, steps and t_pow_shift.
+    """
+    meta = read_metadata(path)
+    part = meta.get("ssdd.part")
+    if part not in ("decoder", "encoder"):
+        raise ValueError(f"{path} has no ssdd.part metadata: was it written by ssdd_runtime.export.export_onnx?")
+    session = ort_session(path, threads=threads)
+    ref = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+    F, C = ref.stride, ref.decoder_config.z_dim
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for h, w in latent_sizes:
+        with torch.no_grad():
+            if part == "decoder":
+                z = torch.randn(batch, C, h, w, generator=g)
+                noise = torch.randn(batch, 3, h * F, w * F, generator=g)
+                want = [ref.sample(z, noise, steps=int(meta["ssdd.steps"]),
+                                   t_pow_shift=float(meta["ssdd.t_pow_shift"]), use_triton=False)]
+                feeds = {"latent_sample": z.numpy(), "noise": noise.numpy()}
+                shape = tuple(z.shape)
+            else:
+                x = torch.rand(batch, 3, h * F, w * F, generator=g) * 2 - 1
+                post = ref.encode(x)
+                want = [post.mean, post.logvar]
+                feeds = {"image": x.numpy()}
+                shape = tuple(x.shape)
+        got = session.run(None, feeds)
+        errs = [float((torch.from_numpy(o) - t).abs().max()) for o, t in zip(got, want)]
+        rows.append({"shape": shape, "max_abs": max(errs), "outputs": errs})
+    return rows
