@@ -108,7 +108,8 @@ def readme_table(runs: list[tuple[str, dict]]) -> str:
              "SSDD / KL-VAE | file |", "|" + "---|" * 12]
     for fname, rep in runs:
         env = rep["env"]
-        dev = f"{env['device_name']}, {env['torch_threads']} threads ({env['date_utc'][:10]})"
+        n = env["torch_threads"]
+        dev = f"{env['device_name']}, {n} thread{'s' if n != 1 else ''} ({env['date_utc'][:10]})"
         ratio = {(q["ssdd"], q["backend"], q["dtype"], q["batch"], q["height"], q["width"],
                   q.get("memory_format", "contiguous")): q["ratio_images_per_s"] for q in rep.get("ratios", [])}
         for r in sorted(rep["results"], key=lambda r: (r["backend"], r["height"], r["width"], r["batch"],
