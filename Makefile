@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/ssdd demo
+	$(VENV)/bin/ssdd bench --quick
 
 test: install
 	$(PY) -m pytest -q tests

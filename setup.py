@@ -17,7 +17,7 @@ PACKAGES = {
 EXTRAS = {
     "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
     "tensorrt": ["tensorrt>=10.0", "onnx>=1.16"],
-    "bench": ["diffusers>=0.30", "matplotlib>=3.7", "onnxruntime>=1.18"],
+    "bench": ["diffusers>=0.30", "matplotlib>=3.7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
     "triton": ["triton>=3.0"],
     "ray": ["ray[data]>=2.10", "pyarrow>=14"],
     "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
