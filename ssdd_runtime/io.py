@@ -57,10 +57,15 @@ def load_image(path: str | os.PathLike, *, multiple_of: int = 1) -> torch.Tensor
             x = pil_to_tensor(im)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image: {e}") from e
+    return center_crop(x, multiple_of, name=str(path))
+
+
+def center_crop(x: torch.Tensor, multiple_of: int, *, name: str = "image") -> torch.Tensor:
+    """Center-crop (..., H, W) down to multiples of `multiple_of` (the encoder needs multiples of its stride)."""
     H, W = x.shape[-2:]
     h, w = H // multiple_of * multiple_of, W // multiple_of * multiple_of
     if h == 0 or w == 0:
-        raise ValueError(f"{path} is {W}x{H}: smaller than the encoder stride {multiple_of}")
+        raise ValueError(f"{name} is {W}x{H}: smaller than the encoder stride {multiple_of}")
     top, left = (H - h) // 2, (W - w) // 2
     return x[..., top:top + h, left:left + w]
 

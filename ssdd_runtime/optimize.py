@@ -17,20 +17,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ssdd_runtime.api import as_dtype
+
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype}")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
-
 
 def channels_last(model: nn.Module) -> nn.Module:
     """Parameters of 4-D convs to channels_last in place; activations follow (PyTorch propagates the format)."""

@@ -133,16 +133,10 @@ def _image_from_bytes(data: bytes, stride: int) -> torch.Tensor:
     """Encoded image bytes -> (1, 3, H, W) in [-1, 1], center-cropped to multiples of the stride."""
     from PIL import Image
 
-    from ssdd_runtime.io import pil_to_tensor
+    from ssdd_runtime.io import center_crop, pil_to_tensor
 
     with Image.open(io.BytesIO(data)) as im:
-        x = pil_to_tensor(im)
-    H, W = x.shape[-2:]
-    h, w = H // stride * stride, W // stride * stride
-    if h == 0 or w == 0:
-        raise ValueError(f"image is {W}x{H}: smaller than the encoder stride {stride}")
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top:top + h, left:left + w]
+        return center_crop(pil_to_tensor(im), stride)
 
 
 class _ParquetRows:
