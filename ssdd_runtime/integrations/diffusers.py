@@ -40,7 +40,7 @@ import os
 
 import torch
 
-INSTALL_HINT = "pip install 'ssdd-runtime[test]' (or: pip install 'diffusers>=0.30')"
+INSTALL_HINT = "pip install 'ssdd-runtime[diffusers]'"
 
 
 def __getattr__(name: str):
