@@ -120,3 +120,13 @@ def test_architecture_is_inferred_from_the_file(make_checkpoint):
     z = model.encode(torch.zeros(1, 3, 32, 32)).mode()
     assert z.shape == (1, 4, 2, 2)
     assert model.decode(z, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 32, 32)
+
+
+def test_f32c4_encoder_round_trip(make_checkpoint):
+    """f32c4: latent 1/32 of the image, so the decoder's AdaLN repeats the context 4x on the 1/8 token grid."""
+    model = SSDD.from_pretrained(make_checkpoint("f32c4", "XS", 3))
+    assert (model.encoder_config.name, model.stride) == ("f32c4", 32)
+    z = model.encode(torch.zeros(1, 3, 64, 96)).mode()
+    assert z.shape == (1, 4, 2, 3)
+    out = model.decode(z, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 64, 96) and torch.isfinite(out).all()
