@@ -219,3 +219,12 @@ def test_report_check_detects_stale_readme(tmp_path):
     assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 1
     assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
     assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 0
+
+
+def test_profile_breakdown_groups_all_time():
+    from ssdd_runtime.benchmarks.profile import breakdown
+
+    b = breakdown("ssdd-XS", 32)
+    assert set(b) == {"convolution", "matmul + attention", "other", "total"}
+    assert b["convolution"] > 0 and b["matmul + attention"] > 0
+    assert abs(sum(v for k, v in b.items() if k != "total") - b["total"]) < 1e-9
