@@ -143,32 +143,27 @@ def _ort_runner(path: str, example_inputs) -> Callable[..., torch.Tensor]:
 
 
 def _trt_runner(path: str, example_inputs) -> Callable[..., torch.Tensor]:  # unverified: no GPU in CI
+    """Build with the project's engine builder (`ssdd_runtime.export.tensorrt.build_engine`) on a static
+    profile at the example shapes, then run on the current CUDA stream."""
+    import onnx
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(path):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"TensorRT could not parse {path}: {errors}")
-    config = builder.create_builder_config()
-    if any(a.dtype == torch.float16 for a in example_inputs):
-        config.set_flag(trt.BuilderFlag.FP16)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ValueError("TensorRT engine build failed (see the TensorRT log above)")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    from ssdd_runtime.export.tensorrt import Profile, build_engine
+
+    names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+    profile = Profile({n: (tuple(a.shape),) * 3 for n, a in zip(names, example_inputs)})
+    precision = "fp16" if any(a.dtype == torch.float16 for a in example_inputs) else "fp32"
+    engine_path = build_engine(path, path + ".plan", precision=precision, profile=profile)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
     context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    (output,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    (output,) = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                 if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
     out_shape = tuple(engine.get_tensor_shape(output))
     device = example_inputs[0].device
 
     def run(*args: torch.Tensor) -> torch.Tensor:
         args = [a.contiguous() for a in args]
-        for n, a in zip(inputs, args):
+        for n, a in zip(names, args):
             context.set_tensor_address(n, a.data_ptr())
         out = torch.empty(out_shape, dtype=args[-1].dtype, device=device)
         context.set_tensor_address(output, out.data_ptr())
