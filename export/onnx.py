@@ -253,11 +253,8 @@ def _to_fp16(proto, *, large: bool):
             onnx.save_model(proto, str(src), save_as_external_data=True, location="fp32.data")
             onnx.shape_inference.infer_shapes_path(str(src), str(dst))
             proto = onnx.load(str(dst))
-        proto = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
-                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
-    else:
-        proto = float16.convert_float_to_float16(proto, keep_io_types=True,
-                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
+    proto = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=large,
+                                             op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
     _toposort(proto.graph)
     del proto.graph.value_info[:]  # the converter leaves some stale (fp32 entries for tensors now fp16)
     return proto
