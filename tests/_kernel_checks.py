@@ -1,5 +1,16 @@
-"""Shared helpers of the kernel tests: the three-way tolerance check (STYLE rule 7)."""
+"""Shared setup of the kernel tests: device, dtypes, the triton skip, the three-way check (STYLE rule 7).
+
+Without CUDA the kernels run under Triton's interpreter: conftest.py sets TRITON_INTERPRET=1 before triton
+is first imported.
+"""
+import pytest
 import torch
+
+from ssdd_runtime.kernels._dispatch import HAS_TRITON
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Triton runs as its interpreter on machines without a GPU; must be set before triton is first imported.
+# Triton runs as its interpreter on machines without a GPU (the kernel tests rely on it); this must be set
+# before triton is first imported, which conftest precedes.
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 DATA = Path(__file__).parent / "data"
 GOLDEN_CASES = ["S_f8c4_64_b1", "S_f8c4_128_b2", "S_f16c4_128_b1", "M_f8c4_128_b1"]

@@ -1,23 +1,11 @@
-"""Windowed relative-position attention kernel vs its dense-SDPA reference (three-way check).
-
-Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
-"""
-import os
-
+"""Windowed relative-position attention kernel vs its dense-SDPA reference (three-way check)."""
+import pytest
 import torch
+from _kernel_checks import DEVICE, DTYPES, assert_three_way, requires_triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from ssdd_runtime.kernels import attention
 
-import pytest  # noqa: E402
-
-from ssdd_runtime.kernels import attention  # noqa: E402
-from ssdd_runtime.kernels._dispatch import HAS_TRITON  # noqa: E402
-from _kernel_checks import assert_three_way  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = requires_triton
 
 
 def make(B, heads, grid, dh, dtype, seed=0):

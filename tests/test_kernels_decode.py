@@ -1,39 +1,18 @@
 """A full decode through the Triton kernels (use_triton=True) against the official golden output.
 
-On a machine without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before
-triton is imported; the kernels also pick an interpreted copy if triton was imported earlier without it).
+Without CUDA the kernels run under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1).
 """
-import json
-import os
-from pathlib import Path
-
 import torch
+from _kernel_checks import DEVICE, requires_triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from ssdd_runtime.kernels._dispatch import HAS_TRITON  # noqa: E402
-from ssdd_runtime.model import SSDDModule  # noqa: E402
-from ssdd_runtime.testing import test_state_dict  # noqa: E402
-
-GOLDEN = Path(__file__).parent / "data" / "golden"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import load_golden
+from ssdd_runtime.model import SSDDModule
+from ssdd_runtime.testing import test_state_dict
 
 
-def load_case(name):
-    path = GOLDEN / f"{name}.safetensors"
-    with safe_open(str(path), "pt") as f:
-        cfg = json.loads(f.metadata()["config"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return cfg, tensors
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@requires_triton
 def test_decode_through_kernels_matches_golden():
-    cfg, g = load_case("S_f8c4_128_b2")
+    g, cfg = load_golden("S_f8c4_128_b2")
     model = SSDDModule(cfg["encoder"], cfg["decoder"])
     model.load_state_dict(test_state_dict(cfg["encoder"], cfg["decoder"], seed=cfg["weight_seed"]))
     model = model.eval().to(DEVICE)

@@ -1,23 +1,11 @@
-"""AdaGroupNorm (+SiLU) and AdaLN / LayerNorm kernels vs their PyTorch references (three-way check).
-
-Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
-"""
-import os
-
+"""AdaGroupNorm (+SiLU) and AdaLN / LayerNorm kernels vs their PyTorch references (three-way check)."""
+import pytest
 import torch
+from _kernel_checks import DEVICE, DTYPES, assert_three_way, requires_triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from ssdd_runtime.kernels import group_norm, layer_norm
 
-import pytest  # noqa: E402
-from _kernel_checks import assert_three_way  # noqa: E402
-
-from ssdd_runtime.kernels import group_norm, layer_norm  # noqa: E402
-from ssdd_runtime.kernels._dispatch import HAS_TRITON  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = requires_triton
 
 
 def randn(*shape, seed, scale=1.0, offset=0.0):
