@@ -69,12 +69,9 @@ def _is_repo_id(s: str) -> bool:
 
 def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_files_only) -> Path:
     import huggingface_hub
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
 
-    try:
-        revision_error = huggingface_hub.utils.RevisionNotFoundError
-    except AttributeError:  # pragma: no cover - very old huggingface_hub
-        revision_error = EntryNotFoundError
     where = f"{repo_id}/{filename}" + (f" (revision {revision})" if revision else "")
     try:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
@@ -88,7 +85,7 @@ def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_fil
             f"{' --revision ' + revision if revision else ''}`, or pass a local .safetensors path.") from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"Hub repo {repo_id!r} not found (or private without a token)") from e
-    except revision_error as e:
+    except RevisionNotFoundError as e:
         raise FileNotFoundError(f"revision {revision!r} not found in Hub repo {repo_id!r}") from e
     except EntryNotFoundError as e:
         raise FileNotFoundError(f"{where} does not exist; known files: {', '.join(KNOWN_FILES)}") from e
