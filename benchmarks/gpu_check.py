@@ -92,7 +92,6 @@ def attention_bench(device, dtype, smoke):
             "tflops_triton_useful": 4 * B * heads * pairs * dh / (t_kernel * 1e-3) / 1e12,
             "tflops_sdpa_dense": 4 * B * heads * N * N * dh / (t_sdpa * 1e-3) / 1e12,
             "window_pairs": pairs, "dense_pairs": N * N})
-        del mask
     return rows
 
 

@@ -19,7 +19,6 @@ pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'ssd
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from ssdd_runtime import kernels  # noqa: E402
 from ssdd_runtime.export import onnx as eo  # noqa: E402
 from ssdd_runtime.model import SSDDModule  # noqa: E402
 from ssdd_runtime.testing import test_state_dict  # noqa: E402
@@ -85,7 +84,8 @@ def test_decoder_reproduces_golden(decoder_session):
 
 
 def test_decoder_non_square_through_same_graph(model, decoder_onnx):
-    # batch 1 (the export example had 2); 10 x 18 latent: window active along x (offsets up to 17 > 7), not along y; and 3 x 5 (smaller than the window)
+    # batch 1 (the export example had 2); 10 x 18 latent: window active along x (offsets up to 17 > 7), not
+    # along y; and 3 x 5 (smaller than the window)
     rows = eo.verify_onnx(model, decoder_onnx, latent_sizes=((10, 18), (3, 5)), batch=1)
     for row in rows:
         print(f"decoder {row['shape']}: ORT vs PyTorch max abs {row['max_abs']:.2e}")

@@ -27,7 +27,8 @@ def test_low_precision_decode_psnr(weights, dtype):
     db = psnr_nominal(out, ref)
     print(f"{dtype} vs fp32 decode PSNR: {db:.1f} dB")
     assert db >= 30
-    post, post32 = model.encode(torch.zeros(1, 3, 32, 32)), SSDD.from_state_dict(weights).encode(torch.zeros(1, 3, 32, 32))
+    x = torch.zeros(1, 3, 32, 32)
+    post, post32 = model.encode(x), SSDD.from_state_dict(weights).encode(x)
     assert post.mean.dtype == torch.float32
     assert psnr_nominal(post.mean, post32.mean) >= 30
 
@@ -71,8 +72,8 @@ def test_generator_makes_decoding_reproducible(s_model):
     assert torch.equal(a, b) and not torch.equal(a, c)
     post = s_model.encode(torch.zeros(1, 3, 32, 32))
     assert torch.equal(post.sample(torch.Generator().manual_seed(0)), post.sample(torch.Generator().manual_seed(0)))
-    torch.testing.assert_close(post.sample(torch.Generator().manual_seed(0)),
-                               post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0)))
+    eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(post.sample(torch.Generator().manual_seed(0)), post.mean + post.std * eps)
 
 
 def test_channels_last_inputs(s_model):

@@ -42,6 +42,11 @@ def brute_force_window_attention(q, k, v, table, grid):
     return out
 
 
+def brute_force_dispatch(q, k, v, table, grid, *, use_triton=None):
+    """Stands in for kernels.window_attention inside a whole decode."""
+    return brute_force_window_attention(q, k, v, table, grid).to(q.dtype)
+
+
 @pytest.mark.parametrize("grid", [(12, 20), (20, 9), (3, 5), (1, 1), (16, 16)])
 def test_window_attention_ref_equals_brute_force(grid):
     g = torch.Generator().manual_seed(sum(grid))
@@ -59,10 +64,7 @@ def test_non_square_decode_matches_brute_force_attention(s_model, monkeypatch):
     out = s_model.decode(z, noise=noise)
     assert out.shape == (1, 3, 96, 160)
 
-    def brute(q, k, v, table, grid, *, use_triton=None):
-        return brute_force_window_attention(q, k, v, table, grid).to(q.dtype)
-
-    monkeypatch.setattr(ssdd_runtime.kernels, "window_attention", brute)
+    monkeypatch.setattr(ssdd_runtime.kernels, "window_attention", brute_force_dispatch)
     assert_close(out, s_model.decode(z, noise=noise), atol=1e-4, name="decode with brute-force attention")
 
     def unwindowed(q, k, v, table, grid, *, use_triton=None):  # keys outside the window not excluded
@@ -78,8 +80,7 @@ def test_small_grid_decode_runs_and_is_global(s_model, monkeypatch):
     z = torch.randn(2, 4, 4, 6, generator=torch.Generator().manual_seed(2))
     out = s_model.decode(z, generator=torch.Generator().manual_seed(3))
     assert out.shape == (2, 3, 32, 48) and torch.isfinite(out).all()
-    monkeypatch.setattr(ssdd_runtime.kernels, "window_attention",
-                        lambda q, k, v, t, grid, use_triton=None: brute_force_window_attention(q, k, v, t, grid).float())
+    monkeypatch.setattr(ssdd_runtime.kernels, "window_attention", brute_force_dispatch)
     assert_close(out, s_model.decode(z, generator=torch.Generator().manual_seed(3)), atol=1e-4)
 
 
