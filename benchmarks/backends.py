@@ -75,7 +75,7 @@ def prepare(name: str, net: nn.Module, example_inputs: tuple[torch.Tensor, ...],
     info: dict = {"notes": []}
     t0 = time.perf_counter()
     if is_ssdd:  # the one kernel switch; every other backend runs (compiles, exports) the reference path
-        net.use_triton = {"triton": True, "cudagraphs": None}.get(name, False)  # None: kernels where they apply
+        optimize.use_kernels(net, {"triton": True, "cudagraphs": None}.get(name, False))  # None: where they apply
     if name in ("triton", "cudagraphs") and not is_ssdd:
         info["notes"].append("no Triton kernels for this model: eager PyTorch ops")
     if name in ("eager", "triton"):

@@ -157,7 +157,7 @@ def norm_bench(device, dtype, smoke):
 
 
 def decode_bench(device, dtype, smoke):
-    from ssdd_runtime import SSDD
+    from ssdd_runtime import SSDD, optimize
     from ssdd_runtime.testing import test_state_dict
 
     size = "S" if smoke else "M"
@@ -174,7 +174,7 @@ def decode_bench(device, dtype, smoke):
             key = "triton" if use_triton else "reference"
 
             def call():
-                return model.decode(z, steps=1, noise=noise, use_triton=use_triton)
+                return optimize.use_kernels(model, use_triton).decode(z, steps=1, noise=noise)
 
             try:
                 outs[key] = call()  # warm-up (Triton compilation, cuDNN heuristics)

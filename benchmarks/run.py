@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ssdd_runtime import optimize
+from ssdd_runtime.api import as_dtype
 from ssdd_runtime.benchmarks import backends as bk
 from ssdd_runtime.benchmarks.timing import PeakMemory, env_cpu_load, measure_interleaved
 from ssdd_runtime.benchmarks.workloads import KL_VAE, WEIGHTS_NOTE, Workload, build_workload, check_model_name
@@ -53,7 +54,7 @@ class Config:
             check_model_name(m)
         for b in self.backends:
             bk.check_backend_name(b)
-        optimize.as_dtype(self.dtype)
+        as_dtype(self.dtype)
         for name, vals in (("batch", self.batches), ("steps", self.steps)):
             if not vals or any(v < 1 for v in vals):
                 raise ValueError(f"{name} values must be integers >= 1; got {vals}")
@@ -132,7 +133,7 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     """Run the sweep; returns {"env", "method", "notes", "skipped", "results", "ratios"}."""
     cfg.validate()
     device = torch.device(cfg.device)
-    dtype = optimize.as_dtype(cfg.dtype)
+    dtype = as_dtype(cfg.dtype)
     env = environment(device)
     results: list[dict] = []
     skipped: list[dict] = []
@@ -148,7 +149,7 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     for m, s in jobs:
         ck = cfg.kl_vae_checkpoint if m == KL_VAE else cfg.checkpoint
         w = build_workload(m, steps=s, checkpoint=ck, kl_vae_config=cfg.kl_vae_config)
-        w.net = optimize.cast(w.net.to(device), dtype)
+        w.net = w.net.to(device, dtype)
         if cfg.channels_last:
             w.net = optimize.channels_last(w.net)
         workloads[(m, s)] = w

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ssdd_runtime.model import DECODER_SIZES, UViTDecoder, decoder_config, time_grid
+from ssdd_runtime.model import DECODER_SIZES, UViTDecoder, decoder_config
+from ssdd_runtime.sampler import euler_sample
 
 # Stable Diffusion's KL-f8 VAE (stabilityai/sd-vae-ft-mse config.json), built in code so no Hub download is
 # needed: diffusers AutoencoderKL(**SD_VAE_CONFIG). Decoder: 4 UpDecoderBlock2D (512, 512, 256, 128 channels,
@@ -81,13 +82,7 @@ class Workload:
         if self.model == KL_VAE:
             return net(*inputs)
         _, _, z = inputs
-        x = noise  # fp32 state, as SSDDModule.sample
-        ts = time_grid(self.steps, 2.0).to(x.device)
-        for k in range(self.steps):
-            t = (ts[k] * 1000).expand(x.shape[0])
-            v = net(x.to(z.dtype), t, z)
-            x = x + v.float() * (ts[k] - ts[k + 1])
-        return x
+        return euler_sample(net, z, noise, steps=self.steps)
 
 
 class SSDDNet(nn.Module):
@@ -98,7 +93,7 @@ class SSDDNet(nn.Module):
         self.decoder, self.use_triton = decoder, use_triton
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x, t, z, use_triton=self.use_triton)
+        return self.decoder(x, t, z)
 
 
 class KLVAEDecode(nn.Module):

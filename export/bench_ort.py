@@ -52,7 +52,7 @@ def run(decoder: str = "M", encoder: str = "f8c4", size: int = 256, batch: int =
 
         def torch_call():
             with torch.inference_mode():
-                return model.sample(z, noise, steps=1, use_triton=False)
+                return model.sample(z, noise, steps=1)
 
         calls = {"torch_eager_fp32": torch_call}
         calls.update({label: (lambda s=s: torch.from_numpy(s.run(None, feeds)[0])) for label, s in sessions.items()})

@@ -68,7 +68,7 @@ class ExportWindowAttention(nn.Module):
         self.heads = attn.heads
         self.to_q, self.to_k, self.to_v, self.out_proj = attn.to_q, attn.to_k, attn.to_v, attn.out_proj
 
-    def forward(self, u, table, grid, use_triton=None):
+    def forward(self, u, table, grid):
         B, N, C = u.shape
         dh = C // self.heads
         q, k, v = (proj(u).reshape(B, N, self.heads, dh).transpose(1, 2)
@@ -101,8 +101,7 @@ class DecoderGraph(nn.Module):
         self.model, self.steps, self.t_pow_shift = model, steps, t_pow_shift
 
     def forward(self, latent_sample, noise):
-        return self.model.sample(latent_sample, noise, steps=self.steps, t_pow_shift=self.t_pow_shift,
-                                 use_triton=False)
+        return self.model.sample(latent_sample, noise, steps=self.steps, t_pow_shift=self.t_pow_shift)
 
 
 class EncoderGraph(nn.Module):
@@ -349,7 +348,7 @@ def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch
                 z = torch.randn(batch, C, h, w, generator=g)
                 noise = torch.randn(batch, 3, h * F, w * F, generator=g)
                 want = [ref.sample(z, noise, steps=int(meta["ssdd.steps"]),
-                                   t_pow_shift=float(meta["ssdd.t_pow_shift"]), use_triton=False)]
+                                   t_pow_shift=float(meta["ssdd.t_pow_shift"]))]
                 feeds = {"latent_sample": z.numpy(), "noise": noise.numpy()}
                 shape = tuple(z.shape)
             else:

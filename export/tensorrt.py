@@ -289,7 +289,7 @@ class TensorRTDecoder:
     def decode(self, z: torch.Tensor, *, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float | None = None,
                batch_size: int | None = None) -> torch.Tensor:
-        from ssdd_runtime.model import randn
+        from ssdd_runtime.sampler import randn
 
         if steps is not None and steps != self.steps:
             raise ValueError(f"this engine decodes with {self.steps} step(s) (fixed at export); got steps={steps}")

@@ -1,17 +1,17 @@
 """The public `SSDD` class: loading, input validation, dtype policy, batching and noise around `SSDDModule`."""
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
+import threading
 import warnings
 
 import torch
 
-from ssdd_runtime import weights
-from ssdd_runtime.model import DiagonalGaussian, SSDDModule, decoder_config, encoder_config, randn
+from ssdd_runtime import optimize, weights
+from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
+from ssdd_runtime.sampler import T_POW_SHIFT, randn
 
-log = logging.getLogger(__name__)
+_FP32_LOCK = threading.Lock()  # guards the lazily built fp32 copy used by the non-finite fallback
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -36,8 +36,6 @@ class SSDD(SSDDModule):
     state stay fp32. Outputs (latent moments, images) are fp32. Build with `from_pretrained` or
     `from_state_dict`; the module is in eval mode with gradients off.
     """
-
-    use_triton: bool | None = None  # default for decode(use_triton=None): None = auto (CUDA + triton)
 
     # -- construction -----------------------------------------------------------------------------------------
 
@@ -73,13 +71,9 @@ class SSDD(SSDDModule):
         weights.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, source=source)
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False)
-        model.use_triton = use_triton
+        optimize.use_kernels(model, use_triton)
         model.checkpoint = None
         return model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.conv_in.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -102,8 +96,8 @@ class SSDD(SSDDModule):
             raise ValueError(f"image height and width must be multiples of the encoder stride {F_}, "
                              f"got {x.shape[2]}x{x.shape[3]}")
         _check_finite("image", x)
-        moments = [self._with_fp32_fallback("encode", lambda xb: super(SSDD, self).encode(xb),
-                                            xb.to(self.device, self.dtype))
+        moments = [self._with_fp32_fallback("encode", lambda m, xb: SSDDModule.encode(m, xb.to(m.dtype)),
+                                            xb.to(self.device))
                    for xb in _chunks(x, batch_size)]
         mean = torch.cat([m.mean.float() for m in moments]).contiguous()
         logvar = torch.cat([m.logvar.float() for m in moments]).contiguous()
@@ -113,8 +107,8 @@ class SSDD(SSDDModule):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, steps: int = 1, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, t_pow_shift: float = 2.0, batch_size: int | None = None,
-               use_triton: bool | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, t_pow_shift: float = T_POW_SHIFT,
+               batch_size: int | None = None) -> torch.Tensor:
         """z: (B, C, h, w) latents -> images (B, 3, h*F, w*F), fp32, nominally in [-1, 1] but unclamped.
 
         `steps` Euler steps on the time grid t_k = (1 - k/steps)^t_pow_shift (1 = the single-step mode).
@@ -142,40 +136,48 @@ class SSDD(SSDDModule):
                 raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
                                  f"got {tuple(noise.shape)}")
             _check_finite("noise", noise)
-        use_triton = self.use_triton if use_triton is None else use_triton
-        out = [self._with_fp32_fallback(
-                   "decode", lambda zb, nb: self.sample(zb, nb, steps=steps, t_pow_shift=float(t_pow_shift),
-                                                        use_triton=use_triton),
-                   zb.to(self.device, self.dtype), nb.to(self.device, torch.float32))
+        def run(m, zb, nb):
+            return SSDDModule.sample(m, zb.to(m.dtype), nb, steps=steps, t_pow_shift=float(t_pow_shift))
+
+        out = [self._with_fp32_fallback("decode", run, zb.to(self.device, torch.float32),
+                                        nb.to(self.device, torch.float32))
                for zb, nb in zip(_chunks(z, batch_size), _chunks(noise, batch_size))]
         return torch.cat(out)
 
     # -- precision --------------------------------------------------------------------------------------------
 
     def _with_fp32_fallback(self, what: str, fn, *args):
-        """Run fn; if a low-precision run gives non-finite values, warn and run once more in fp32."""
-        out = fn(*args)
+        """fn(module, *args) on this model; if a bf16/fp16 run gives non-finite values, warn and run once more on
+        an fp32 copy of the weights. `args` are the caller's fp32 inputs (never the low-precision casts), and the
+        shared model is never mutated, so concurrent callers are unaffected."""
+        out = fn(self, *args)
         if _all_finite(out):
             return out
         if self.dtype == torch.float32:
-            raise FloatingPointError(f"{what} produced non-finite values in fp32 from finite inputs: "
-                                     "the checkpoint weights are likely broken")
+            raise FloatingPointError(f"{what} produced non-finite values in fp32 from finite inputs: the result "
+                                     "overflows float32 (inputs too large for this model?) or the weights are broken")
         warnings.warn(f"{what} in {self.dtype} produced non-finite values; retrying this batch in float32",
                       RuntimeWarning, stacklevel=3)
-        with self._as_fp32():
-            out = fn(*(a.float() if a.is_floating_point() else a for a in args))
+        out = fn(self._fp32_copy(), *args)
         if not _all_finite(out):
             raise FloatingPointError(f"{what} produced non-finite values even in float32")
         return out
 
-    @contextlib.contextmanager
-    def _as_fp32(self):
-        dtype = self.dtype
-        self.float()
-        try:
-            yield
-        finally:
-            self.to(dtype)
+    def _fp32_copy(self) -> SSDDModule:
+        """An fp32 SSDDModule with this model's weights and kernel switches, built once on first use. It is kept
+        outside the module tree (not in state_dict, not moved by .to()); rebuilt if the device changes."""
+        with _FP32_LOCK:
+            twin = self.__dict__.get("_fp32_twin")
+            if twin is None or twin.decoder.conv_in.weight.device != self.device:
+                with torch.device("meta"):
+                    twin = SSDDModule(self.encoder_config, self.decoder_config)
+                twin.load_state_dict({k: v.float() for k, v in self.state_dict().items()}, strict=True, assign=True)
+                twin.eval().requires_grad_(False)
+                self.__dict__["_fp32_twin"] = twin
+            for mine, theirs in zip(self.modules(), twin.modules()):  # same tree: follow the current switches
+                if isinstance(mine, FusedOp):
+                    theirs.use_triton = mine.use_triton
+            return twin
 
 
 def _all_finite(out) -> bool:

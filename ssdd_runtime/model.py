@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssdd_runtime import kernels
+from ssdd_runtime.sampler import T_POW_SHIFT, euler_sample, randn
 
 # ---------------------------------------------------------------------------------------------------------
 # Configs (spec 2, 3.1)
@@ -91,7 +92,6 @@ def encoder_config(name: str) -> EncoderConfig:
     return EncoderConfig(stride=int(m.group(1)), z_dim=int(m.group(2)))
 
 
-TIMESCALE = 1000.0  # the network sees t * 1000 (spec 4)
 WINDOW = 8  # relative-position window: keys within +-(WINDOW-1) tokens in each direction (spec 3.7)
 
 
@@ -142,32 +142,19 @@ class SSDDModule(nn.Module):
     def stride(self) -> int:
         return self.encoder_config.stride
 
+    @property
+    def dtype(self) -> torch.dtype:  # of the weights (the activations follow)
+        return self.decoder.conv_in.weight.dtype
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:  # x: (B, 3, H, W) in [-1, 1]
         moments = self.encoder(x)  # (B, 2C, H/F, W/F)
         mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
-    def sample(self, z: torch.Tensor, noise: torch.Tensor, *, steps: int = 1, t_pow_shift: float = 2.0,
-               use_triton: bool | None = None) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, noise: torch.Tensor, *, steps: int = 1,
+               t_pow_shift: float = T_POW_SHIFT) -> torch.Tensor:
         """Euler flow-matching sampler (spec 4). z: (B, C, h, w); noise: (B, 3, h*F, w*F) fp32 = x at t=1."""
-        x = noise.float()  # the Euler state stays fp32 whatever the model dtype
-        ts = time_grid(steps, t_pow_shift).to(x.device)
-        for k in range(steps):
-            t = (ts[k] * TIMESCALE).expand(x.shape[0])  # (B,) fp32
-            v = self.decoder(x.to(z.dtype), t, z, use_triton=use_triton)  # predicts x0 - eps
-            x = x + v.float() * (ts[k] - ts[k + 1])
-        return x
-
-
-def time_grid(steps: int, t_pow_shift: float = 2.0) -> torch.Tensor:
-    """t_k = (1 - k/S)^p for k = 0..S, fp32, from 1 (noise) to 0 (image)."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32) ** torch.tensor(t_pow_shift, dtype=torch.float32)
-
-
-def randn(shape, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """fp32 standard normal drawn on the generator's device (CPU by default), then moved: reproducible per seed."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device=gen_device).to(device)
+        return euler_sample(self.decoder, z, noise, steps=steps, t_pow_shift=t_pow_shift)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,11 +208,10 @@ class UViTDecoder(nn.Module):
                 ins.append(prev + skips.pop())
                 prev = ch
             self.up_blocks.append(UpBlock(ins, ch, c0, temb, upsample=k < len(C) - 1))
-        self.conv_norm_out = nn.GroupNorm(32, c0, eps=1e-5)
+        self.conv_norm_out = GroupNormAct(c0, eps=1e-5, silu=True)
         self.conv_out = nn.Conv2d(c0, 3, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, *,
-                use_triton: bool | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # x: (B, 3, H, W), t: (B,) in [0, 1000], z: (B, Cz, H/F, W/F)
         temb = self.time_embedding(timestep_embedding(t, self.cfg.levels[0]).to(x.dtype))  # (B, 4*C0)
         z_up = F.interpolate(z, size=x.shape[-2:], mode="nearest")
@@ -233,13 +219,11 @@ class UViTDecoder(nn.Module):
         ctx = self.ada_ctx_proj(z)  # (B, C0, h, w) at latent resolution
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, ctx, temb, skips, use_triton)
-        h = self.mid_block(h, ctx, use_triton)  # (B, C3, H/8, W/8)
+            h = block(h, ctx, temb, skips)
+        h = self.mid_block(h, ctx)  # (B, C3, H/8, W/8)
         for block in self.up_blocks:
-            h = block(h, ctx, temb, skips, use_triton)
-        h = kernels.ada_group_norm(h, 32, 1e-5, weight=self.conv_norm_out.weight, bias=self.conv_norm_out.bias,
-                                   silu=True, use_triton=use_triton)
-        return self.conv_out(h)  # (B, 3, H, W), unclamped
+            h = block(h, ctx, temb, skips)
+        return self.conv_out(self.conv_norm_out(h))  # (B, 3, H, W), unclamped
 
 
 class DownBlock(nn.Module):
@@ -248,9 +232,9 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(cin, cout, c0, temb), ResnetBlock(cout, cout, c0, temb)])
         self.downsamplers = nn.ModuleList([Downsample(cout)]) if downsample else None
 
-    def forward(self, h, ctx, temb, skips, use_triton):
+    def forward(self, h, ctx, temb, skips):
         for resnet in self.resnets:
-            h = resnet(h, ctx, temb, use_triton)
+            h = resnet(h, ctx, temb)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
@@ -264,9 +248,9 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(cin, cout, c0, temb) for cin in ins])
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
 
-    def forward(self, h, ctx, temb, skips, use_triton):
+    def forward(self, h, ctx, temb, skips):
         for resnet in self.resnets:
-            h = resnet(torch.cat([h, skips.pop()], dim=1), ctx, temb, use_triton)  # [h, skip], LIFO
+            h = resnet(torch.cat([h, skips.pop()], dim=1), ctx, temb)  # [h, skip], LIFO
         if self.upsamplers is not None:
             h = self.upsamplers[0](h)
         return h
@@ -290,12 +274,39 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class AdaGroupNormCtx(nn.Module):
-    """norm1 of a decoder ResBlock: GroupNorm without affine, modulated by a 1x1 projection of the context map."""
+class FusedOp:
+    """Marks a leaf that calls a fused op. `use_triton` (None: auto, False: reference, True: Triton or an error)
+    is set once for the whole model by `ssdd_runtime.optimize.use_kernels`, never passed through `forward`."""
+
+    use_triton: bool | None = None
+
+
+class GroupNormAct(FusedOp, nn.GroupNorm):
+    """Affine GroupNorm(32), optionally FiLM-modulated by a per-sample time vector, optionally followed by SiLU."""
+
+    def __init__(self, ch: int, eps: float, silu: bool):
+        super().__init__(32, ch, eps=eps)
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, H, W); time_mod: (B, 2C) = (scale, shift)
+        return kernels.ada_group_norm(x, self.num_groups, self.eps, weight=self.weight, bias=self.bias,
+                                      time_mod=time_mod, silu=self.silu, use_triton=self.use_triton)
+
+
+class AdaGroupNormCtx(FusedOp, nn.Module):
+    """norm1 of a decoder ResBlock: GroupNorm without affine, modulated by a 1x1 projection of the context map,
+    then SiLU."""
 
     def __init__(self, c0: int, ch: int):
         super().__init__()
         self.ctx_proj = nn.Conv2d(c0, 2 * ch, 1)
+        self.num_groups, self.eps = 32, 1e-5
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W); ctx: (B, C0, h, w): the (scale, shift) maps stay at latent resolution
+        return kernels.ada_group_norm(x, self.num_groups, self.eps, ctx_mod=self.ctx_proj(ctx), silu=True,
+                                      use_triton=self.use_triton)
 
 
 class ResnetBlock(nn.Module):
@@ -306,19 +317,15 @@ class ResnetBlock(nn.Module):
         self.norm1 = AdaGroupNormCtx(c0, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb, 2 * cout)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-5)
+        self.norm2 = GroupNormAct(cout, eps=1e-5, silu=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, ctx, temb, use_triton=None):
+    def forward(self, x, ctx, temb):
         # x: (B, Cin, Hl, Wl); ctx: (B, C0, h, w); temb: (B, 4*C0)
-        ctx_mod = self.norm1.ctx_proj(ctx)  # (B, 2*Cin, h, w), stays at latent resolution
-        a = kernels.ada_group_norm(x, 32, 1e-5, ctx_mod=ctx_mod, silu=True, use_triton=use_triton)
-        a = self.conv1(a)
+        a = self.conv1(self.norm1(x, ctx))
         time_mod = self.time_emb_proj(F.silu(temb))  # (B, 2*Cout)
-        a = kernels.ada_group_norm(a, 32, 1e-5, weight=self.norm2.weight, bias=self.norm2.bias,
-                                   time_mod=time_mod, silu=True, use_triton=use_triton)
-        a = self.conv2(a)
+        a = self.conv2(self.norm2(a, time_mod))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + a
 
 
@@ -330,27 +337,37 @@ class MidTransformer(nn.Module):
         self.proj_in = nn.Linear(dim, dim)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, c0, heads) for _ in range(layers)])
         self.proj_out = nn.Linear(dim, dim)
-        self.norm = nn.GroupNorm(32, dim, eps=1e-6)
+        self.norm = GroupNormAct(dim, eps=1e-6, silu=False)
 
-    def forward(self, y, ctx, use_triton=None):
+    def forward(self, y, ctx):
         B, C, Gh, Gw = y.shape
-        x = kernels.ada_group_norm(y, 32, 1e-6, weight=self.norm.weight, bias=self.norm.bias,
-                                   use_triton=use_triton)
-        x = self.proj_in(x.flatten(2).transpose(1, 2))  # (B, N, C), row-major tokens
+        x = self.proj_in(self.norm(y).flatten(2).transpose(1, 2))  # (B, N, C), row-major tokens
         ctx = F.silu(ctx).permute(0, 2, 3, 1)  # (B, h, w, C0): AdaLN input, shared by all blocks
         for block in self.transformer_blocks:
-            x = block(x, ctx, (Gh, Gw), use_triton)
+            x = block(x, ctx, (Gh, Gw))
         x = self.proj_out(x).transpose(1, 2).reshape(B, C, Gh, Gw)
         return x + y
 
 
-class AdaLayerNorm(nn.Module):
+class AdaLayerNorm(FusedOp, nn.Module):
+    """LayerNorm without affine, shifted and scaled per token by a projection of the latent-resolution context."""
+
     def __init__(self, c0: int, dim: int):
         super().__init__()
         self.linear = nn.Linear(c0, 2 * dim)
+        self.eps = 1e-5
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        # x: (B, N, C); ctx: (B, h, w, C0) -> mod (B, h, w, 2C): shift first, scale second
+        return kernels.ada_layer_norm(x, self.linear(ctx), grid, self.eps, use_triton=self.use_triton)
 
 
-class Attention(nn.Module):
+class LayerNorm(FusedOp, nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.affine_layer_norm(x, self.weight, self.bias, self.eps, use_triton=self.use_triton)
+
+
+class Attention(FusedOp, nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -359,11 +376,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, u, table, grid, use_triton=None):
+    def forward(self, u, table, grid):
         B, N, C = u.shape
         q, k, v = (proj(u).view(B, N, self.heads, C // self.heads).transpose(1, 2).contiguous()
                    for proj in (self.to_q, self.to_k, self.to_v))  # (B, heads, N, dh), channel = head*dh + d
-        o = kernels.window_attention(q, k, v, table, grid, use_triton=use_triton)  # (B, heads, N, dh)
+        o = kernels.window_attention(q, k, v, table, grid, use_triton=self.use_triton)  # (B, heads, N, dh)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -392,6 +409,9 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.relative_bias_table = nn.Parameter(torch.zeros(2 * WINDOW - 1, 2 * WINDOW - 1, heads))
 
+    def forward(self) -> torch.Tensor:  # (2W-1, 2W-1, heads): bias by (dy, dx) offset, expanded in the kernel
+        return self.relative_bias_table
+
 
 class TransformerBlock(nn.Module):
     """Spec 3.6: AdaLN (shift, scale) -> windowed self-attention -> affine LN -> GEGLU FFN, pre-norm residuals."""
@@ -400,17 +420,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = AdaLayerNorm(c0, dim)
         self.attn1 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
         self.relative_position_bias = RelativePositionBias(heads)
 
-    def forward(self, x, ctx, grid, use_triton=None):
+    def forward(self, x, ctx, grid):
         # x: (B, N, C) tokens of a Gh x Gw grid; ctx: (B, h, w, C0) = SiLU(context map)
-        mod = self.norm1.linear(ctx)  # (B, h, w, 2C): shift first, scale second
-        u = kernels.ada_layer_norm(x, mod, grid, 1e-5, use_triton=use_triton)
-        x = x + self.attn1(u, self.relative_position_bias.relative_bias_table, grid, use_triton)
-        u = kernels.affine_layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, use_triton=use_triton)
-        return x + self.ff(u)
+        x = x + self.attn1(self.norm1(x, ctx, grid), self.relative_position_bias(), grid)
+        return x + self.ff(self.norm2(x))
 
 
 # ---------------------------------------------------------------------------------------------------------

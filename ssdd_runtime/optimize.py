@@ -1,33 +1,39 @@
 """Optimisations as transforms on a plain model (STYLE rule 5): nothing here is threaded through model.py.
 
 Each function takes a plain `nn.Module` (or callable) and returns the transformed one; the math is unchanged
-(up to float reassociation for compile and the chosen precision for `cast`):
+(up to float reassociation for compile):
 
+    use_kernels(m, use_triton)  which implementation every fused op runs (Triton kernels or PyTorch references)
     channels_last(m)            NHWC memory format for every 4-D parameter (oneDNN / cuDNN prefer it for convs)
-    cast(m, dtype)              weights to fp32 / bf16 / fp16 (SSDD's Euler state stays fp32 in `sample`)
     compile(m, freezing=...)    torch.compile (inductor); freezing constant-folds weights and weight-only
                                 subgraphs (e.g. the relative-position bias of every block) and prepacks convs
     cuda_graph(fn, inputs)      capture one call on static buffers and replay it (CUDA only)
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ssdd_runtime.api import as_dtype
+from ssdd_runtime.model import FusedOp
 
-log = logging.getLogger(__name__)
+
+def use_kernels(model: nn.Module, use_triton: bool | None) -> nn.Module:
+    """Set the kernel switch of every fused-op leaf once (the gpt-fast `setup_caches` pattern), in place.
+    None: Triton on CUDA tensors when triton imports and the op supports the inputs, else the PyTorch reference;
+    False: always the reference; True: always Triton (an error where it cannot run)."""
+    if use_triton not in (None, True, False):
+        raise TypeError(f"use_triton must be None, True or False, got {use_triton!r}")
+    for m in model.modules():
+        if isinstance(m, FusedOp):
+            m.use_triton = use_triton
+    return model
+
 
 def channels_last(model: nn.Module) -> nn.Module:
     """Parameters of 4-D convs to channels_last in place; activations follow (PyTorch propagates the format)."""
     return model.to(memory_format=torch.channels_last)
-
-
-def cast(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
-    return model.to(as_dtype(dtype))
 
 
 def compile(model: nn.Module | Callable, *, freezing: bool = True, mode: str | None = None,

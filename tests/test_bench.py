@@ -86,7 +86,7 @@ def test_ssdd_decode_driver_equals_model_sample():
     ins, noise = w.example_inputs(1, 64, 64, torch.float32, CPU, seed=3)
     with torch.inference_mode():
         ours = w.decode(w.net, ins, noise)
-        ref = model.sample(ins[2], noise, steps=2, use_triton=False)
+        ref = model.sample(ins[2], noise, steps=2)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 

@@ -109,7 +109,7 @@ def test_export_attention_equals_model_attention(model):
     table = block.relative_position_bias.relative_bias_table
     u = torch.randn(2, 9 * 20, block.attn1.to_q.in_features, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = block.attn1(u, table, (9, 20), use_triton=False)
+        want = block.attn1(u, table, (9, 20))
         got = eo.ExportWindowAttention(block.attn1)(u, table, (9, 20))
     assert max_err(got, want) <= 1e-5
 

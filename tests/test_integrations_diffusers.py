@@ -13,7 +13,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pip install 'ssdd-runtime[test]')")
 
-from ssdd_runtime.model import randn  # noqa: E402
+from ssdd_runtime.sampler import randn  # noqa: E402
 
 SCALING = 0.7  # not 1.0, so a pipeline that forgot to unscale would fail
 NOISE_SEED = 3

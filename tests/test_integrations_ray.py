@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 
 from ssdd_runtime.integrations import ray as sray  # noqa: E402
 from ssdd_runtime.io import load_image, tensor_to_uint8  # noqa: E402
-from ssdd_runtime.model import randn  # noqa: E402
+from ssdd_runtime.sampler import randn  # noqa: E402
 
 SIZES = {"a.png": (32, 32), "b.jpg": (32, 32), "sub/c.png": (48, 40), "sub/d.png": (35, 33), "e.png": (32, 32)}
 

@@ -6,6 +6,7 @@ import torch
 from _kernel_checks import DEVICE, requires_triton
 
 from conftest import load_golden
+from ssdd_runtime import optimize
 from ssdd_runtime.model import SSDDModule
 from ssdd_runtime.testing import test_state_dict
 
@@ -21,6 +22,6 @@ def test_decode_through_kernels_matches_golden():
         torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         out = model.sample(g["z_mean"].to(DEVICE), g["noise"].to(DEVICE), steps=1,
-                           t_pow_shift=cfg["t_pow_shift"], use_triton=True).cpu()
+                           t_pow_shift=cfg["t_pow_shift"]).cpu()
     err = (out - g["decode_steps1"]).abs().max().item()
     assert err <= 5e-4, f"max |decode(use_triton=True) - golden| = {err:.3g} > 5e-4"

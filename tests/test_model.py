@@ -6,7 +6,8 @@ import torch
 
 from conftest import DATA, GOLDEN_CASES, assert_close, load_golden
 from ssdd_runtime import SSDD
-from ssdd_runtime.model import DECODER_SIZES, SSDDModule, decoder_config, time_grid
+from ssdd_runtime.model import DECODER_SIZES, SSDDModule, decoder_config
+from ssdd_runtime.sampler import time_grid
 
 
 def read_keys(name):

@@ -62,7 +62,8 @@ def _vae_class():
 
     from ssdd_runtime.api import SSDD
     from ssdd_runtime.integrations.latent_stats import known_file, latent_normalization
-    from ssdd_runtime.model import encoder_config, randn
+    from ssdd_runtime.model import encoder_config
+    from ssdd_runtime.sampler import randn
     from ssdd_runtime.weights import KNOWN_FILES
 
     class SSDDVAE(ModelMixin, ConfigMixin):

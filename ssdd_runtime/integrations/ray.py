@@ -217,7 +217,7 @@ class _DecodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ssdd_runtime.io import tensor_to_pil
-        from ssdd_runtime.model import randn
+        from ssdd_runtime.sampler import randn
 
         n = len(batch["key"])
         pngs, errors = [b""] * n, [""] * n
