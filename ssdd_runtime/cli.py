@@ -1,98 +1,305 @@
-"""`ssdd` command line: a thin argparse front end over keyword-only library functions."""
+"""`ssdd` command line: the one argparse front end over keyword-only library functions.
+
+Shared flags are parent parsers (checkpoint source, runtime, sampler, decode, batch size); every command reads
+its model through `load_model`. Library modules (export/, integrations/, benchmarks/) never import this one.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import shlex
 import sys
 from pathlib import Path
 
+import torch
+
+from ssdd_runtime.api import SSDD
+from ssdd_runtime.io import list_images, load_image, load_latents, psnr, same_shape_batches, save_image, save_latents
+from ssdd_runtime.sampler import T_POW_SHIFT
+
 EPILOG = ("Checkpoints: --checkpoint PATH (a local .safetensors) or --repo facebook/SSDD --filename "
           "F8C4/F8C4_M_256.safetensors [--revision R] (Hugging Face cache; HF_HUB_OFFLINE=1 works offline).")
+RAY_EPILOG = ("Ray: without --address a local Ray instance is started (all local CPUs/GPUs); --address auto joins "
+              "the cluster this node belongs to, ray://HEAD:10001 a remote one. Inputs and a local --checkpoint must "
+              "be readable on every node; OUTDIR is written by the driver only. Exit status 1: the job finished "
+              "but some items failed (listed on stderr and recorded in the shards).")
+BENCH_DESCRIPTION = """\
+Time SSDD decoding against the KL-VAE decoder (diffusers AutoencoderKL, SD-VAE f8c4 configuration) on the
+backends available here; unavailable backends are skipped with their reason. Weights are random unless
+checkpoints are given: throughput does not depend on weight values. Runs offline.
+
+--quick: SSDD-M 1-step vs KL-VAE, 256x256, batch 1, fp32 on CPU, eager (+ ONNX Runtime when installed),
+1 warm-up + 3 timed calls each; prints the SSDD/KL-VAE images/s ratio."""
+BENCH_BACKENDS = ["eager", "triton", "compile", "cudagraphs", "onnxruntime", "tensorrt"]
+DTYPES = ["fp32", "bf16", "fp16"]
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser, *, runtime: bool = True) -> None:
-    """--checkpoint PATH | --repo ID --filename F [--revision R], plus --device/--dtype when runtime=True."""
-    g = parser.add_argument_group("checkpoint")
+# -- shared flags ---------------------------------------------------------------------------------------------
+
+
+class _Items(argparse.Action):
+    """A list flag: `--batch 1 4 16` or, as the README writes it, `--batch 1,4,16`; `item` converts each value
+    and raises ValueError with the message argparse shows."""
+
+    def __init__(self, option_strings, dest, *, item=str, **kwargs):
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+        self.item = item
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            items = [self.item(v.strip()) for value in values for v in value.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        setattr(namespace, self.dest, items)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected integers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise ValueError(f"expected sizes like 256 or 256x384 (HxW), got {text!r}") from None
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def _checkpoint_flags() -> argparse.ArgumentParser:
+    p = _parent()
+    g = p.add_argument_group("checkpoint")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="local SSDD .safetensors file")
     src.add_argument("--repo", metavar="ID", help="Hugging Face Hub repo id, e.g. facebook/SSDD")
     g.add_argument("--filename", metavar="F", help="file inside --repo, e.g. F8C4/F8C4_M_256.safetensors")
     g.add_argument("--revision", metavar="R", help="Hub branch, tag or commit (default: main)")
-    if runtime:
-        r = parser.add_argument_group("runtime")
-        r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-        r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype")
+    return p
 
 
-def load_model_from_args(args: argparse.Namespace):
-    import torch
+def _dtype_flag() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument_group("runtime").add_argument("--dtype", default="fp32", choices=DTYPES,
+                                                 help="weights/activations dtype (default fp32)")
+    return p
 
-    from ssdd_runtime.api import SSDD
 
+def _device_flag() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument_group("runtime").add_argument("--device", default=None,
+                                                 help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def _sampler_flags() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--steps", type=int, default=1, help="Euler steps (1 = single-step decoding; default 1)")
+    p.add_argument("--t-pow-shift", type=float, default=T_POW_SHIFT,
+                   help=f"time-grid exponent (default {T_POW_SHIFT})")
+    return p
+
+
+def _seed_flag() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
+    return p
+
+
+def _batch_flag(default: int | None, per: str) -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--batch-size", type=int, default=default,
+                   help=f"images per {per} (default {'all' if default is None else default})")
+    return p
+
+
+def checkpoint_source(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """The checkpoint flags -> (source, filename, revision) as `SSDD.from_pretrained` takes them."""
     if args.repo is not None and not args.filename:
         raise ValueError("--repo needs --filename (e.g. F8C4/F8C4_M_256.safetensors)")
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = args.checkpoint if args.checkpoint is not None else args.repo
-    return SSDD.from_pretrained(source, args.filename, revision=args.revision, device=device,
-                                dtype=getattr(args, "dtype", None))
+    return (args.checkpoint if args.checkpoint is not None else args.repo), args.filename, args.revision
 
 
-def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=1, help="Euler steps (1 = single-step decoding; default 1)")
-    p.add_argument("--t-pow-shift", type=float, default=2.0, help="time-grid exponent (default 2.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
+def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: str | None = None) -> SSDD:
+    """The model the checkpoint flags name, on `device`/`dtype` if given, else --device/--dtype (default: cuda if
+    available, else cpu; fp32)."""
+    source, filename, revision = checkpoint_source(args)
+    device = device or getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return SSDD.from_pretrained(source, filename, revision=revision, device=device,
+                                dtype=dtype or getattr(args, "dtype", None))
 
 
-def _add_batch_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: all)")
+# -- the parser -----------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ssdd_runtime.benchmarks.cli import register as register_bench
-    from ssdd_runtime.export.cli import register as register_export
-    from ssdd_runtime.integrations.cli import register as register_integrations
-
+    ckpt, dtype, device = _checkpoint_flags(), _dtype_flag(), _device_flag()
+    sampler, seed = _sampler_flags(), _seed_flag()
+    model = [ckpt, device, dtype]
+    decode = [sampler, seed]
     parser = argparse.ArgumentParser(prog="ssdd", description="SSDD image tokenizer runtime: encode images to "
                                      "latents and decode them with the single-step diffusion decoder.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("encode", help="images -> latents file", epilog=EPILOG,
-                       description="Encode images (same size; center-cropped to multiples of the encoder stride) "
-                                   "to their latent means, saved as one (B, C, h, w) tensor.")
+    def command(name, func, helptext, *, parents=(), **kw):
+        p = sub.add_parser(name, help=helptext, parents=list(parents), **kw)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("encode", cmd_encode, "images -> latents file", parents=[*model, _batch_flag(None, "forward pass")],
+                epilog=EPILOG, description="Encode images (same size; center-cropped to multiples of the encoder "
+                "stride) to their latent means, saved as one (B, C, h, w) tensor.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--output", required=True, help="latents file: .safetensors, .npy or .pt")
-    add_checkpoint_args(p)
-    _add_batch_arg(p)
-    p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="latents file -> PNG images", epilog=EPILOG,
-                       description="Decode a latents file (written by `ssdd encode` or any (B, C, h, w) tensor) "
-                                   "to PNGs named after the encoded images when known.")
+    p = command("decode", cmd_decode, "latents file -> PNG images",
+                parents=[*model, *decode, _batch_flag(None, "forward pass")], epilog=EPILOG,
+                description="Decode a latents file (written by `ssdd encode` or any (B, C, h, w) tensor) to PNGs "
+                            "named after the encoded images when known.")
     p.add_argument("latents", help="latents file: .safetensors, .npy or .pt")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    add_checkpoint_args(p)
-    _add_decode_args(p)
-    _add_batch_arg(p)
-    p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("reconstruct", help="images -> encode -> decode -> PNGs, with PSNR", epilog=EPILOG,
-                       description="Round-trip images through the tokenizer and print the PSNR of each.")
+    p = command("reconstruct", cmd_reconstruct, "images -> encode -> decode -> PNGs, with PSNR",
+                parents=[*model, *decode, _batch_flag(None, "forward pass")], epilog=EPILOG,
+                description="Round-trip images through the tokenizer and print the PSNR of each.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    add_checkpoint_args(p)
-    _add_decode_args(p)
-    _add_batch_arg(p)
-    p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("demo", help="offline demo: reconstruct the bundled sample with test weights",
-                       description="Reconstructs a bundled sample image with deterministic *test* weights "
-                                   "(no download): it shows the pipeline runs, not SSDD's quality.")
+    p = command("demo", cmd_demo, "offline demo: reconstruct the bundled sample with test weights",
+                description="Reconstructs a bundled sample image with deterministic *test* weights (no "
+                            "download): it shows the pipeline runs, not SSDD's quality.")
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
-    p.set_defaults(func=cmd_demo)
 
-    register_export(sub)
-    register_bench(sub)
-    register_integrations(sub)
+    _add_export(sub.add_parser("export", help="ONNX / TensorRT / Triton Inference Server export",
+                               description="Export SSDD graphs for ONNX Runtime, TensorRT and Triton."),
+                ckpt, sampler)
+
+    p = command("bench", cmd_bench, "SSDD vs KL-VAE decode throughput across backends", parents=[device, dtype],
+                description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the 3-minute CPU check described above")
+    p.add_argument("--models", action=_Items, default=["ssdd-M", "kl-vae"],
+                   help="ssdd-XS..ssdd-G, kl-vae (default ssdd-M,kl-vae)")
+    p.add_argument("--steps", action=_Items, item=_int, default=[1], help="SSDD Euler steps (default 1)")
+    p.add_argument("--backends", action=_Items, default=None,
+                   help=f"{', '.join(BENCH_BACKENDS)} (default: all; unavailable ones are skipped)")
+    p.add_argument("--batch", action=_Items, item=_int, default=[1], help="batch sizes (default 1)")
+    p.add_argument("--res", action=_Items, item=_size, default=[(256, 256)],
+                   help="image sizes, 256 or HxW like 256x384 (default 256)")
+    p.add_argument("--channels-last", action="store_true", help="apply the channels_last transform to all models")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up calls per workload, excluded (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per workload (default 5; --quick 3)")
+    p.add_argument("--rotate", type=int, default=3, help="distinct input sets cycled through (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="SSDD .safetensors (default: random weights)")
+    p.add_argument("--kl-vae-checkpoint", default=None, metavar="DIR",
+                   help="local diffusers AutoencoderKL folder (default: random weights)")
+    p.add_argument("--kl-vae-config", default=None, metavar="JSON",
+                   help="AutoencoderKL config JSON for the baseline (default: the SD-VAE f8c4 config)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write {'env': ..., 'results': [...]} here")
+    p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV row per result here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of images/s vs batch here")
+    p.add_argument("--quiet", action="store_true", help="no per-call progress lines")
+
+    p = command("stats", cmd_stats, "latent mean/std over images -> JSON (scaling_factor, shift_factor)",
+                parents=[*model, _batch_flag(8, "forward pass")], epilog=EPILOG,
+                description="Encode images (folders are searched recursively) and write the mean and std of their "
+                            "latents, globally and per channel, with the diffusers normalisation scaling_factor "
+                            "= 1/std and shift_factor = mean.")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="JSON file to write")
+
+    ray = [ckpt, dtype, _ray_flags()]
+    p = command("tokenize", cmd_tokenize, "images -> latent shards with Ray Data (resumable)", parents=ray,
+                epilog=EPILOG + " " + RAY_EPILOG,
+                description="Encode a folder, image files or parquet files of image bytes to latent means, "
+                            "written as parquet or safetensors shards. Shards already in OUTDIR are skipped; "
+                            "unreadable images are reported and counted.")
+    p.add_argument("inputs", nargs="+", help="folders, image files or .parquet files")
+    p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR)")
+    p.add_argument("--format", choices=["parquet", "safetensors"], default="parquet", help="shard format")
+    p.add_argument("--shard-size", type=int, default=256, help="items per shard (default 256)")
+    p.add_argument("--image-column", default="image", help="parquet column with image bytes (default image)")
+    p.add_argument("--key-column", default=None, help="parquet column with unique item keys (default: row index)")
+
+    p = command("detokenize", cmd_detokenize, "latent shards -> PNGs with Ray Data (resumable)",
+                parents=[*ray, *decode], epilog=EPILOG + " " + RAY_EPILOG,
+                description="Decode every latent of the shards written by `ssdd tokenize` to OUTDIR/<key>.png; "
+                            "existing PNGs are skipped.")
+    p.add_argument("latents", help="folder of shard-*.parquet / shard-*.safetensors")
+    p.add_argument("-o", "--output", required=True, help="output folder")
     return parser
+
+
+def _add_export(export: argparse.ArgumentParser, ckpt, sampler) -> None:
+    sub = export.add_subparsers(dest="export_command", metavar="TARGET", required=True)
+    p = sub.add_parser("onnx", help="checkpoint -> ONNX graph (decoder or encoder)", parents=[ckpt, sampler],
+                       epilog=EPILOG,
+                       description="Export the decoder (latent_sample, noise -> sample; --steps Euler steps unrolled "
+                                   "into the graph) or the encoder (image -> latent_mean, latent_logvar) with dynamic "
+                                   "batch, height and width, then check it with onnx.checker and compare ONNX "
+                                   "Runtime (CPU) with PyTorch at two shapes (one non-square).")
+    p.add_argument("--part", choices=["decoder", "encoder"], default="decoder")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset 18..20 (default 18)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: fp16 weights/activations, norm statistics and softmax in fp32, fp32 inputs/outputs")
+    p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
+                   help="weights in <output>.data (auto: when above ~1.8 GB)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+    p.set_defaults(func=cmd_export_onnx)
+
+    engine = _parent()
+    engine.add_argument("--onnx", required=True, help="graph written by `ssdd export onnx`")
+    engine.add_argument("--engine", required=True, help="output engine (.plan)")
+    engine.add_argument("--precision", default="fp16", help="fp16, bf16 or fp32 (default fp16)")
+    engine.add_argument("--min-shape", required=True, help="e.g. 1x64x64")
+    engine.add_argument("--opt-shape", required=True, help="e.g. 1x256x256")
+    engine.add_argument("--max-shape", required=True, help="e.g. 8x512x512")
+    engine.add_argument("--timing-cache", default=None, help="timing cache file (read if present, then written)")
+    engine.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
+    engine.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB")
+    shapes = ("Shapes are image sizes BxHxW in pixels (both decoder inputs follow), or trtexec's per-input form "
+              "latent_sample:BxCxhxw,noise:Bx3xHxW.")
+    for name, func, helptext in (("tensorrt", cmd_export_tensorrt, "ONNX -> TensorRT engine (needs a GPU + tensorrt)"),
+                                 ("trtexec-cmd", cmd_export_trtexec, "print the equivalent trtexec command")):
+        sub.add_parser(name, help=helptext, parents=[engine], description=shapes).set_defaults(func=func)
+
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository",
+                       description="Write <repo>/<name>/config.pbtxt and <repo>/<name>/1/model.onnx|model.plan.")
+    p.add_argument("--onnx", required=True, help="graph written by `ssdd export onnx` (names the tensors)")
+    p.add_argument("--engine", default=None, help="TensorRT engine built from --onnx (backend tensorrt)")
+    p.add_argument("--repo", required=True, help="model repository folder")
+    p.add_argument("--name", default=None, help="model name (default ssdd_<part>)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default=None,
+                   help="default: tensorrt when --engine is given, else onnxruntime")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--instances", type=int, default=1, help="model instances per device (instance_group count)")
+    p.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU", "KIND_AUTO"], default="KIND_GPU")
+    p.add_argument("--preferred-batch-sizes", action=_Items, item=_int, default=[], help="e.g. 4 8 or 4,8")
+    p.add_argument("--max-queue-delay-us", type=int, default=100)
+    p.set_defaults(func=cmd_export_triton_repo)
+
+
+def _ray_flags() -> argparse.ArgumentParser:
+    p = _parent()
+    g = p.add_argument_group("ray")
+    g.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:10001); default: local")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per actor call (default 8)")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="actors, one model each (default: one per GPU, or 1 on CPU)")
+    g.add_argument("--num-gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default 1 if the cluster has GPUs, else 0 = CPU)")
+    return p
+
+
+# -- images and latents ---------------------------------------------------------------------------------------
 
 
 def _progress(iterable, **kw):
@@ -101,44 +308,15 @@ def _progress(iterable, **kw):
     return tqdm(iterable, disable=not sys.stderr.isatty(), **kw)
 
 
-def _read_images(paths: list[str], stride: int):
-    from ssdd_runtime.io import load_image
-
-    return [load_image(p, multiple_of=stride) for p in paths]
-
-
-def _batches(items: list, batch_size: int | None):
-    """Consecutive groups of equal-shaped tensors, at most batch_size each."""
-    groups: list[list] = []
-    for item in items:
-        g = groups[-1] if groups else None
-        if g and g[-1][1].shape == item[1].shape and (batch_size is None or len(g) < batch_size):
-            g.append(item)
-        else:
-            groups.append([item])
-    return groups
-
-
-def _generator(seed: int):
-    import torch
-
-    return torch.Generator().manual_seed(seed)
-
-
 def cmd_encode(args) -> int:
-    import torch
-
-    from ssdd_runtime.io import save_latents
-
-    model = load_model_from_args(args)
-    xs = _read_images(args.images, model.stride)
+    model = load_model(args)
+    xs = [load_image(p, multiple_of=model.stride) for p in args.images]
     shapes = {tuple(x.shape[-2:]) for x in xs}
     if len(shapes) > 1:
         raise ValueError(f"all images must have the same size to share one latents file, got sizes "
                          f"{sorted(shapes)}; encode them separately")
-    zs = [model.encode(x).mode() for x in _progress(torch.cat(xs).split(args.batch_size or len(xs)),
-                                                    desc="encode", unit="batch")]
-    z = torch.cat(zs)
+    batches = same_shape_batches(zip(args.images, xs), args.batch_size)
+    z = torch.cat([model.encode(x).mode() for _, x in _progress(batches, desc="encode", unit="batch")])
     save_latents(args.output, z, {"names": [Path(p).stem for p in args.images], "checkpoint": model.checkpoint,
                                   "encoder": model.encoder_config.name, "decoder": model.decoder_config.size})
     print(f"wrote {tuple(z.shape)} latents to {args.output}")
@@ -146,16 +324,14 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    from ssdd_runtime.io import load_latents, save_image
-
-    model = load_model_from_args(args)
+    model = load_model(args)
     z, meta = load_latents(args.latents)
     names = meta.get("names") or [f"{Path(args.latents).stem}_{i:04d}" for i in range(len(z))]
     if len(names) != len(z):
         raise ValueError(f"{args.latents}: {len(names)} names in metadata for {len(z)} latents")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    gen = _generator(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     step = args.batch_size or len(z)
     for i in _progress(range(0, len(z), step), desc="decode", unit="batch"):
         imgs = model.decode(z[i:i + step], steps=args.steps, t_pow_shift=args.t_pow_shift, generator=gen)
@@ -166,32 +342,26 @@ def cmd_decode(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    model = load_model_from_args(args)
-    return _reconstruct(model, args.images, Path(args.output), steps=args.steps, t_pow_shift=args.t_pow_shift,
-                        seed=args.seed, batch_size=args.batch_size)
+    return _reconstruct(load_model(args), args.images, Path(args.output), steps=args.steps,
+                        t_pow_shift=args.t_pow_shift, seed=args.seed, batch_size=args.batch_size)
 
 
-def _reconstruct(model, paths, out: Path, *, steps=1, t_pow_shift=2.0, seed=0, batch_size=None) -> int:
-    import torch
-
-    from ssdd_runtime.io import psnr, save_image
-
+def _reconstruct(model, paths, out: Path, *, steps=1, t_pow_shift=T_POW_SHIFT, seed=0, batch_size=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    items = list(zip(paths, _read_images(paths, model.stride)))
-    gen = _generator(seed)
-    for group in _progress(_batches(items, batch_size), desc="reconstruct", unit="batch"):
-        x = torch.cat([x for _, x in group])
+    images = [(p, load_image(p, multiple_of=model.stride)) for p in paths]  # all readable before any output
+    gen = torch.Generator().manual_seed(seed)
+    for group, x in _progress(same_shape_batches(images, batch_size), desc="reconstruct", unit="batch"):
         y = model.decode(model.encode(x).mode(), steps=steps, t_pow_shift=t_pow_shift, generator=gen)
-        for (path, _), xi, yi, db in zip(group, x, y, psnr(x, y)):
-            save_image(yi, out / f"{Path(path).stem}.png")
-            print(f"{path}: PSNR {db:.2f} dB -> {out / (Path(path).stem + '.png')}")
+        for path, yi, db in zip(group, y, psnr(x, y)):
+            dest = out / f"{Path(path).stem}.png"
+            save_image(yi, dest)
+            print(f"{path}: PSNR {db:.2f} dB -> {dest}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from importlib.resources import files
 
-    from ssdd_runtime.api import SSDD
     from ssdd_runtime.testing import test_state_dict
 
     print("ssdd demo: SSDD-S (f8c4) with deterministic *test* weights, 1-step decode, CPU. The test weights "
@@ -201,6 +371,153 @@ def cmd_demo(args) -> int:
     model = SSDD.from_state_dict(test_state_dict("f8c4", "S"), device="cpu")
     sample = str(files("ssdd_runtime") / "assets" / "sample.png")
     return _reconstruct(model, [sample], Path(args.output))
+
+
+def cmd_stats(args) -> int:
+    from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats
+
+    model = load_model(args)
+    stats = compute_latent_stats(model, list_images(args.inputs), batch_size=args.batch_size)
+    if model.checkpoint:
+        stats["checkpoint"] = checkpoint_id(model.checkpoint)
+    Path(args.output).write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    print(f"{stats['num_images']} images ({stats['num_errors']} unreadable): latent mean {stats['mean']:.6g}, "
+          f"std {stats['std']:.6g} -> scaling_factor {stats['scaling_factor']:.6g}, shift_factor "
+          f"{stats['shift_factor']:.6g}; wrote {args.output}")
+    for path, err in stats["errors"].items():
+        print(f"  skipped {path}: {err}", file=sys.stderr)
+    return 0
+
+
+# -- Ray ------------------------------------------------------------------------------------------------------
+
+
+def _ray_job(args) -> dict:
+    source, filename, revision = checkpoint_source(args)
+    return dict(checkpoint=source, filename=filename, revision=revision, batch_size=args.batch_size,
+                concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor, dtype=args.dtype,
+                address=args.address, num_cpus=args.num_cpus)
+
+
+def _print_report(report) -> int:
+    print(report.summary())
+    for key, err in report.errors.items():
+        print(f"  failed {key}: {err}", file=sys.stderr)
+    return 1 if report.failed else 0  # the job finished and its outputs are written; 1 flags failed items
+
+
+def cmd_tokenize(args) -> int:
+    from ssdd_runtime.integrations.ray import tokenize
+
+    return _print_report(tokenize(args.inputs, args.output, format=args.format, shard_size=args.shard_size,
+                            image_column=args.image_column, key_column=args.key_column, **_ray_job(args)))
+
+
+def cmd_detokenize(args) -> int:
+    from ssdd_runtime.integrations.ray import detokenize
+
+    return _print_report(detokenize(args.latents, args.output, steps=args.steps, t_pow_shift=args.t_pow_shift,
+                              seed=args.seed, **_ray_job(args)))
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+
+
+def cmd_export_onnx(args) -> int:
+    from ssdd_runtime.export.onnx import check_export_args, export_onnx, verify_onnx
+
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    check_export_args(args.part, args.steps, args.opset, dtype)  # fail before loading a checkpoint
+    model = load_model(args, device="cpu", dtype="fp32")
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    path = export_onnx(model, args.output, part=args.part, steps=args.steps, opset=args.opset, dtype=dtype,
+                       t_pow_shift=args.t_pow_shift, external_data=external)
+    print(f"wrote {path} (onnx.checker passed)")
+    if not args.no_verify:
+        F = model.stride
+        for row in verify_onnx(model, path, latent_sizes=((8, 8), (8, 12))):
+            h, w = row["shape"][-2:]
+            size = f"{h}x{w}" if args.part == "encoder" else f"{h * F}x{w * F}"
+            print(f"ONNX Runtime (CPU) vs PyTorch fp32 at {size}: max abs error {row['max_abs']:.3e}")
+    return 0
+
+
+def _engine_options(args) -> dict:
+    from ssdd_runtime.export.tensorrt import check_precision, profile_for_onnx
+
+    check_precision(args.precision)
+    return dict(precision=args.precision,
+                profile=profile_for_onnx(args.onnx, args.min_shape, args.opt_shape, args.max_shape),
+                timing_cache=args.timing_cache, optimization_level=args.opt_level, workspace_mib=args.workspace_mib)
+
+
+def cmd_export_trtexec(args) -> int:
+    from ssdd_runtime.export.tensorrt import trtexec_command
+
+    print(shlex.join(trtexec_command(args.onnx, args.engine, **_engine_options(args))))
+    return 0
+
+
+def cmd_export_tensorrt(args) -> int:
+    from ssdd_runtime.export.tensorrt import build_engine
+
+    path = build_engine(args.onnx, args.engine, **_engine_options(args))
+    print(f"wrote {path} and {path}.json")
+    return 0
+
+
+def cmd_export_triton_repo(args) -> int:
+    from ssdd_runtime.export.onnx import read_metadata
+    from ssdd_runtime.export.triton_repo import write_triton_repo
+
+    backend = args.backend or ("tensorrt" if args.engine else "onnxruntime")
+    name = args.name or f"ssdd_{read_metadata(args.onnx).get('ssdd.part', 'model')}"
+    model_dir = write_triton_repo(args.repo, onnx_path=args.onnx, engine_path=args.engine, name=name,
+                                  backend=backend, max_batch_size=args.max_batch_size,
+                                  instance_count=args.instances, kind=args.kind,
+                                  preferred_batch_sizes=args.preferred_batch_sizes,
+                                  max_queue_delay_us=args.max_queue_delay_us)
+    print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/")
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    from ssdd_runtime.benchmarks import report, run
+
+    if args.quick:
+        backends = ["eager"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") else [])
+        device, repeats = "cpu", 3
+    else:
+        backends, device, repeats = BENCH_BACKENDS, "cuda" if torch.cuda.is_available() else "cpu", 5
+    cfg = run.Config(models=args.models, backends=backends if args.backends is None else args.backends,
+                     batches=args.batch, resolutions=args.res, steps=args.steps, dtype=args.dtype,
+                     device=args.device or device, warmup=args.warmup,
+                     repeats=repeats if args.repeats is None else args.repeats, rotate=args.rotate,
+                     channels_last=args.channels_last, checkpoint=args.checkpoint,
+                     kl_vae_checkpoint=args.kl_vae_checkpoint, kl_vae_config=args.kl_vae_config)
+    cfg.validate()  # unknown model/backend/dtype: one-line error before anything heavy
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    def echo(line: str) -> None:
+        if not (args.quiet and line.startswith("  ")):  # --quiet drops the indented per-call lines
+            print(line, flush=True)
+
+    result = run.run_benchmark(cfg, echo=echo)
+    print()
+    print(report.table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    for path, write in ((args.json, run.write_json), (args.csv, run.write_csv), (args.plot, report.plot)):
+        if path:
+            write(result, path)
+            print(f"wrote {path}")
+    return 0 if result["results"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,54 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def scan_folder(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Files under `folder` (recursively) whose suffix, in any case, is one of `suffixes`; sorted."""
+    return sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files and folders (searched with `scan_folder`) -> image paths, in the order given. A file is taken
+    as given whatever its suffix; unreadable images are the reader's to report."""
+    inputs = list(inputs)
+    paths: list[Path] = []
+    for src in inputs:
+        p = Path(src)
+        if p.is_dir():
+            paths += scan_folder(p)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {src}")
+    if not paths:
+        raise ValueError(f"no images found in {[str(src) for src in inputs]}")
+    return paths
+
+
+def same_shape_batches(items: Iterable[tuple[object, torch.Tensor]], batch_size: int | None = None
+                       ) -> Iterator[tuple[list, torch.Tensor]]:
+    """(tag, x) pairs, each x one item (1, ...) -> (tags, torch.cat(xs)) for runs of consecutive items of one
+    shape, at most `batch_size` per batch (None: no limit). Streams: holds one batch at a time."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    tags: list = []
+    xs: list[torch.Tensor] = []
+    for tag, x in items:
+        if xs and (x.shape != xs[0].shape or len(xs) == batch_size):
+            yield tags, torch.cat(xs)
+            tags, xs = [], []
+        tags.append(tag)
+        xs.append(x)
+    if xs:
+        yield tags, torch.cat(xs)
 
 
 def uint8_to_tensor(images) -> torch.Tensor:

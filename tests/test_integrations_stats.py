@@ -29,16 +29,14 @@ def test_running_stats_match_float64_reference():
     assert (s["scaling_factor"], s["shift_factor"]) == (1 / s["std"], s["mean"])
 
 
-def test_normalization_priorities(tmp_path, monkeypatch):
+def test_normalization_priorities(tmp_path):
     ckpt = "/cache/models--facebook--SSDD/snapshots/abc/F8C4/F8C4_M_256.safetensors"
     assert ls.known_file(ckpt) == "F8C4/F8C4_M_256.safetensors" and ls.known_file("/x/other.safetensors") is None
-    assert ls.latent_normalization(ckpt) == (1.0, 0.0)  # nothing published: no normalisation by default
-    monkeypatch.setitem(ls.LATENT_STATS, "F8C4/F8C4_M_256.safetensors", (0.5, 0.1))
-    assert ls.latent_normalization(ckpt) == (0.5, 0.1)
+    assert ls.latent_normalization() == (1.0, 0.0)  # nothing published: no normalisation by default
     stats = tmp_path / "s.json"
     stats.write_text(json.dumps({"scaling_factor": 2.0, "shift_factor": -1.0}))
-    assert ls.latent_normalization(ckpt, stats=stats) == (2.0, -1.0)
-    assert ls.latent_normalization(ckpt, stats=stats, scaling_factor=3.0) == (3.0, -1.0)
+    assert ls.latent_normalization(stats=stats) == (2.0, -1.0)
+    assert ls.latent_normalization(stats=stats, scaling_factor=3.0) == (3.0, -1.0)
     with pytest.raises(ValueError, match="scaling_factor"):
         ls.latent_normalization(scaling_factor=0.0)
     with pytest.raises(ValueError, match="ssdd stats"):

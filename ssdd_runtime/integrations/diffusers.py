@@ -25,185 +25,164 @@ Decoding noise (SSDD's decoder is a one-step diffusion model and needs a start n
   drawn from `torch.Generator().manual_seed(noise_seed)` on the CPU. Decoding is then a deterministic function
   of each latent, as with a KL-VAE decoder: independent of batch size, slicing, device and the global RNG.
   `noise_seed=None` draws from the global RNG instead (the official code's behaviour).
-* `decode_steps` (default 1, the single-step mode) and `t_pow_shift` (default 2.0) set the Euler sampler;
-  `decode(..., steps=k)` overrides the steps for one call.
+* `decode_steps` (default 1, the single-step mode) and `t_pow_shift` (default `sampler.T_POW_SHIFT`, 2.0) set
+  the Euler sampler; `decode(..., steps=k)` overrides the steps for one call.
 
-diffusers is imported only when `SSDDVAE` is first accessed (module `__getattr__` builds the class once), so
-importing this module, or ssdd_runtime, never needs diffusers. `save_pretrained` writes diffusers' usual
+This module imports diffusers (a missing one raises ImportError with the install hint); `ssdd_runtime` and
+`ssdd_runtime.integrations` never import it. `save_pretrained` writes diffusers' usual
 config.json + weights, but `SSDDVAE.from_pretrained` reads SSDD checkpoints (the SSDD arguments), not such a
 folder: rebuild the VAE from the SSDD checkpoint and pass it to the pipeline.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-INSTALL_HINT = "pip install 'ssdd-runtime[diffusers]'"
+try:
+    # Absolute imports: this module is ssdd_runtime.integrations.diffusers, `diffusers` is the real package.
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+except ImportError as e:
+    raise ImportError("SSDDVAE needs diffusers: pip install 'ssdd-runtime[diffusers]'") from e
+
+from ssdd_runtime.api import SSDD
+from ssdd_runtime.integrations.latent_stats import known_file, latent_normalization
+from ssdd_runtime.model import encoder_config
+from ssdd_runtime.sampler import T_POW_SHIFT, per_image_noise, randn, seeded_noise
+from ssdd_runtime.weights import KNOWN_FILES
 
 
-def __getattr__(name: str):
-    if name == "SSDDVAE":
-        return _vae_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class SSDDVAE(ModelMixin, ConfigMixin):
+    """SSDD encoder + single-step diffusion decoder behind the AutoencoderKL interface (module docstring)."""
 
+    config_name = "config.json"
+    _supports_gradient_checkpointing = False
 
-@functools.cache
-def _vae_class():
-    try:
-        # Absolute imports: this module is ssdd_runtime.integrations.diffusers, `diffusers` is the real package.
-        from diffusers import ConfigMixin, ModelMixin
-        from diffusers.configuration_utils import register_to_config
-        from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
-        from diffusers.models.modeling_outputs import AutoencoderKLOutput
-    except ImportError as e:
-        raise ImportError(f"SSDDVAE needs diffusers: {INSTALL_HINT}") from e
+    @register_to_config
+    def __init__(self, encoder: str = "f8c4", decoder: str = "M", scaling_factor: float = 1.0,
+                 shift_factor: float = 0.0, sample_size: int = 256, decode_steps: int = 1,
+                 t_pow_shift: float = T_POW_SHIFT, noise_seed: int | None = 0, latent_channels: int | None = None,
+                 block_out_channels: tuple[int, ...] | None = None, force_upcast: bool = False):
+        super().__init__()
+        enc = encoder_config(encoder)
+        derived = dict(latent_channels=enc.z_dim,
+                       block_out_channels=tuple(enc.base_dim * m for m in enc.ch_mult))
+        given = dict(latent_channels=latent_channels,
+                     block_out_channels=None if block_out_channels is None else tuple(block_out_channels))
+        for key, value in derived.items():  # accepted back from a saved config, but they must agree
+            if given[key] is not None and given[key] != value:
+                raise ValueError(f"{key}={given[key]!r} does not match encoder {encoder!r} ({value!r})")
+        if force_upcast:
+            raise ValueError("force_upcast must be False: SSDD keeps norms, softmax and the sampler state in "
+                             "fp32 itself, so bf16/fp16 weights need no upcast")
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
+        if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int)):
+            raise TypeError(f"noise_seed must be an int or None, got {type(noise_seed).__name__}")
+        self.register_to_config(**derived)
+        self.ssdd = SSDD(encoder, decoder)  # randomly initialised; the factories below swap in loaded weights
+        self.use_slicing = False
+        self.use_tiling = False
 
-    from ssdd_runtime.api import SSDD
-    from ssdd_runtime.integrations.latent_stats import known_file, latent_normalization
-    from ssdd_runtime.model import encoder_config
-    from ssdd_runtime.sampler import randn
-    from ssdd_runtime.weights import KNOWN_FILES
+    # -- construction ---------------------------------------------------------------------------------------
 
-    class SSDDVAE(ModelMixin, ConfigMixin):
-        """SSDD encoder + single-step diffusion decoder behind the AutoencoderKL interface (module docstring)."""
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None, *,
+                        revision: str | None = None, encoder: str | None = None, decoder: str | None = None,
+                        device=None, dtype=None, local_files_only: bool = False,
+                        cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None,
+                        **vae_options) -> SSDDVAE:
+        """`SSDD.from_pretrained` arguments, then the `from_model` options (scaling_factor, shift_factor,
+        latent_stats, sample_size, decode_steps, t_pow_shift, noise_seed)."""
+        model = SSDD.from_pretrained(source, filename, revision=revision, encoder=encoder, decoder=decoder,
+                                     device=device, dtype=dtype, local_files_only=local_files_only,
+                                     cache_dir=cache_dir, use_triton=use_triton)
+        return cls.from_model(model, **vae_options)
 
-        config_name = "config.json"
-        _supports_gradient_checkpointing = False
+    @classmethod
+    def from_model(cls, model: SSDD, *, scaling_factor: float | None = None, shift_factor: float | None = None,
+                   latent_stats: str | os.PathLike | dict | None = None, sample_size: int | None = None,
+                   decode_steps: int = 1, t_pow_shift: float = T_POW_SHIFT, noise_seed: int | None = 0) -> SSDDVAE:
+        """Wrap a loaded `SSDD` (shares its weights). scaling/shift: explicit values, else `latent_stats` (a
+        JSON from `ssdd stats`), else 1.0 / 0.0 (see latent_stats.py)."""
+        if not isinstance(model, SSDD):
+            raise TypeError(f"model must be an ssdd_runtime.SSDD (from SSDD.from_pretrained / from_state_dict), "
+                            f"got {type(model).__name__}")
+        scale, shift = latent_normalization(stats=latent_stats, scaling_factor=scaling_factor,
+                                            shift_factor=shift_factor)
+        name = known_file(getattr(model, "checkpoint", None))
+        if sample_size is None:
+            sample_size = KNOWN_FILES[name].resolution if name else 256
+        with torch.device("meta"):  # placeholder weights cost nothing; replaced by `model` just below
+            vae = cls(encoder=model.encoder_config.name, decoder=model.decoder_config.size,
+                      scaling_factor=scale, shift_factor=shift, sample_size=int(sample_size),
+                      decode_steps=decode_steps, t_pow_shift=float(t_pow_shift), noise_seed=noise_seed)
+        vae.ssdd = model
+        return vae.eval().requires_grad_(False)
 
-        @register_to_config
-        def __init__(self, encoder: str = "f8c4", decoder: str = "M", scaling_factor: float = 1.0,
-                     shift_factor: float = 0.0, sample_size: int = 256, decode_steps: int = 1,
-                     t_pow_shift: float = 2.0, noise_seed: int | None = 0, latent_channels: int | None = None,
-                     block_out_channels: tuple[int, ...] | None = None, force_upcast: bool = False):
-            super().__init__()
-            enc = encoder_config(encoder)
-            derived = dict(latent_channels=enc.z_dim,
-                           block_out_channels=tuple(enc.base_dim * m for m in enc.ch_mult))
-            given = dict(latent_channels=latent_channels,
-                         block_out_channels=None if block_out_channels is None else tuple(block_out_channels))
-            for key, value in derived.items():  # accepted back from a saved config, but they must agree
-                if given[key] is not None and given[key] != value:
-                    raise ValueError(f"{key}={given[key]!r} does not match encoder {encoder!r} ({value!r})")
-            if force_upcast:
-                raise ValueError("force_upcast must be False: SSDD keeps norms, softmax and the sampler state in "
-                                 "fp32 itself, so bf16/fp16 weights need no upcast")
-            if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
-                raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
-            if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int)):
-                raise TypeError(f"noise_seed must be an int or None, got {type(noise_seed).__name__}")
-            self.register_to_config(**derived)
-            self.ssdd = SSDD(encoder, decoder)  # randomly initialised; the factories below swap in loaded weights
-            self.use_slicing = False
-            self.use_tiling = False
+    # -- diffusers switches -------------------------------------------------------------------------------
 
-        # -- construction ---------------------------------------------------------------------------------------
+    def enable_slicing(self) -> None:
+        """Encode/decode one image at a time (less memory). Same results: noise is drawn for the whole batch."""
+        self.use_slicing = True
 
-        @classmethod
-        def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None, *,
-                            revision: str | None = None, encoder: str | None = None, decoder: str | None = None,
-                            device=None, dtype=None, local_files_only: bool = False,
-                            cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None,
-                            **vae_options) -> SSDDVAE:
-            """`SSDD.from_pretrained` arguments, then the `from_model` options (scaling_factor, shift_factor,
-            latent_stats, sample_size, decode_steps, t_pow_shift, noise_seed)."""
-            model = SSDD.from_pretrained(source, filename, revision=revision, encoder=encoder, decoder=decoder,
-                                         device=device, dtype=dtype, local_files_only=local_files_only,
-                                         cache_dir=cache_dir, use_triton=use_triton)
-            return cls.from_model(model, **vae_options)
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
 
-        @classmethod
-        def from_model(cls, model: SSDD, *, scaling_factor: float | None = None, shift_factor: float | None = None,
-                       latent_stats: str | os.PathLike | dict | None = None, sample_size: int | None = None,
-                       decode_steps: int = 1, t_pow_shift: float = 2.0, noise_seed: int | None = 0) -> SSDDVAE:
-            """Wrap a loaded `SSDD` (shares its weights). scaling/shift: explicit values, else `latent_stats` (a
-            JSON from `ssdd stats`), else the per-checkpoint table, else 1.0 / 0.0 (see latent_stats.py)."""
-            if not isinstance(model, SSDD):
-                raise TypeError(f"model must be an ssdd_runtime.SSDD (from SSDD.from_pretrained / from_state_dict), "
-                                f"got {type(model).__name__}")
-            checkpoint = getattr(model, "checkpoint", None)
-            scale, shift = latent_normalization(checkpoint, stats=latent_stats, scaling_factor=scaling_factor,
-                                                shift_factor=shift_factor)
-            name = known_file(checkpoint)
-            if sample_size is None:
-                sample_size = KNOWN_FILES[name].resolution if name else 256
-            with torch.device("meta"):  # placeholder weights cost nothing; replaced by `model` just below
-                vae = cls(encoder=model.encoder_config.name, decoder=model.decoder_config.size,
-                          scaling_factor=scale, shift_factor=shift, sample_size=int(sample_size),
-                          decode_steps=decode_steps, t_pow_shift=float(t_pow_shift), noise_seed=noise_seed)
-            vae.ssdd = model
-            return vae.eval().requires_grad_(False)
+    def enable_tiling(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "SSDDVAE does not tile: every decoder GroupNorm normalises with statistics of the whole image and "
+            "the transformer stacks 8-16 windowed-attention layers, so tiles cannot reproduce the full decode. "
+            "Use enable_slicing() (exact) or decode fewer images at once.")
 
-        # -- diffusers switches -------------------------------------------------------------------------------
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
 
-        def enable_slicing(self) -> None:
-            """Encode/decode one image at a time (less memory). Same results: noise is drawn for the whole batch."""
-            self.use_slicing = True
+    # -- encode / decode ----------------------------------------------------------------------------------
 
-        def disable_slicing(self) -> None:
-            self.use_slicing = False
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """x: (B, 3, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist) in this module's dtype."""
+        post = self.ssdd.encode(x, batch_size=1 if self.use_slicing else None)  # fp32 mean / logvar
+        dist = DiagonalGaussianDistribution(torch.cat([post.mean, post.logvar], dim=1).to(self.dtype))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
-        def enable_tiling(self, *args, **kwargs) -> None:
-            raise NotImplementedError(
-                "SSDDVAE does not tile: every decoder GroupNorm normalises with statistics of the whole image and "
-                "the transformer stacks 8-16 windowed-attention layers, so tiles cannot reproduce the full decode. "
-                "Use enable_slicing() (exact) or decode fewer images at once.")
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, *, steps: int | None = None):
+        """z: raw SSDD latents (B, C, h, w) -> DecoderOutput(sample=(B, 3, h*F, w*F)) in this module's dtype."""
+        noise = self.decode_noise(z, generator)
+        img = self.ssdd.decode(z, steps=self.config.decode_steps if steps is None else steps, noise=noise,
+                               t_pow_shift=self.config.t_pow_shift, batch_size=1 if self.use_slicing else None)
+        img = img.to(self.dtype)
+        return DecoderOutput(sample=img) if return_dict else (img,)
 
-        def disable_tiling(self) -> None:
-            self.use_tiling = False
+    def decode_noise(self, z: torch.Tensor, generator=None) -> torch.Tensor | None:
+        """The fp32 start noise x_T that `decode(z, generator=generator)` uses (None: the global RNG)."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 4:
+            raise ValueError(f"latents must be a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
+        B, _, h, w = z.shape
+        shape = (3, h * self.ssdd.stride, w * self.ssdd.stride)
+        device = self.ssdd.device
+        if generator is None:
+            if self.config.noise_seed is None:
+                return None
+            return seeded_noise(shape, self.config.noise_seed, B, device=device)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != B or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"generator list must hold one torch.Generator per image ({B}), "
+                                 f"got {len(generator)} items")
+            return per_image_noise(shape, generator, device=device)
+        if isinstance(generator, torch.Generator):
+            return randn((B, *shape), generator=generator, device=device)
+        raise TypeError(f"generator must be a torch.Generator, a list of them, or None; "
+                        f"got {type(generator).__name__}")
 
-        # -- encode / decode ----------------------------------------------------------------------------------
-
-        @torch.no_grad()
-        def encode(self, x: torch.Tensor, return_dict: bool = True):
-            """x: (B, 3, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist) in this module's dtype."""
-            post = self.ssdd.encode(x, batch_size=1 if self.use_slicing else None)  # fp32 mean / logvar
-            dist = DiagonalGaussianDistribution(torch.cat([post.mean, post.logvar], dim=1).to(self.dtype))
-            return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
-
-        @torch.no_grad()
-        def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, *, steps: int | None = None):
-            """z: raw SSDD latents (B, C, h, w) -> DecoderOutput(sample=(B, 3, h*F, w*F)) in this module's dtype."""
-            noise = self.decode_noise(z, generator)
-            img = self.ssdd.decode(z, steps=self.config.decode_steps if steps is None else steps, noise=noise,
-                                   t_pow_shift=self.config.t_pow_shift, batch_size=1 if self.use_slicing else None)
-            img = img.to(self.dtype)
-            return DecoderOutput(sample=img) if return_dict else (img,)
-
-        def decode_noise(self, z: torch.Tensor, generator=None) -> torch.Tensor | None:
-            """The fp32 start noise x_T that `decode(z, generator=generator)` uses (None: the global RNG)."""
-            if not isinstance(z, torch.Tensor) or z.dim() != 4:
-                raise ValueError(f"latents must be a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
-            B, _, h, w = z.shape
-            F_ = self.ssdd.stride
-            one = (1, 3, h * F_, w * F_)
-            device = self.ssdd.device
-            if generator is None:
-                if self.config.noise_seed is None:
-                    return None
-                g = torch.Generator().manual_seed(self.config.noise_seed)
-                return randn(one, generator=g, device=device).expand(B, -1, -1, -1)
-            if isinstance(generator, (list, tuple)):
-                if len(generator) != B or not all(isinstance(g, torch.Generator) for g in generator):
-                    raise ValueError(f"generator list must hold one torch.Generator per image ({B}), "
-                                     f"got {len(generator)} items")
-                return torch.cat([randn(one, generator=g, device=device) for g in generator])
-            if isinstance(generator, torch.Generator):
-                return randn((B, *one[1:]), generator=generator, device=device)
-            raise TypeError(f"generator must be a torch.Generator, a list of them, or None; "
-                            f"got {type(generator).__name__}")
-
-        def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
-                    generator=None):
-            """AutoencoderKL.forward: encode, take the posterior sample or mode, decode."""
-            dist = self.encode(sample).latent_dist
-            z = dist.sample(generator=generator) if sample_posterior else dist.mode()
-            return self.decode(z, return_dict=return_dict, generator=generator)
-
-    SSDDVAE.__qualname__ = "SSDDVAE"  # pickle finds it as ssdd_runtime.integrations.diffusers.SSDDVAE
-    for attr in vars(SSDDVAE).values():  # and error messages name SSDDVAE.<method>, not _vae_class.<locals>
-        fn = getattr(attr, "__func__", attr)
-        if callable(fn) and hasattr(fn, "__qualname__"):
-            fn.__qualname__ = f"SSDDVAE.{fn.__name__}"
-    return SSDDVAE
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
+                generator=None):
+        """AutoencoderKL.forward: encode, take the posterior sample or mode, decode."""
+        dist = self.encode(sample).latent_dist
+        z = dist.sample(generator=generator) if sample_posterior else dist.mode()
+        return self.decode(z, return_dict=return_dict, generator=generator)

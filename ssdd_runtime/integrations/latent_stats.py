@@ -1,4 +1,4 @@
-"""Latent normalisation for latent-diffusion users: per-checkpoint scaling/shift and `ssdd stats`.
+"""Latent normalisation for latent-diffusion users: scaling/shift factors and the statistics behind `ssdd stats`.
 
 SSDD latents are the raw means of the encoder's Gaussian (spec 1.2, 5): no scaling factor is applied anywhere
 in SSDD itself. A diffusion model trained on them wants roughly unit-variance inputs, so diffusers-style
@@ -10,8 +10,8 @@ pipelines normalise with the VAE config's two numbers:
 
 With measured latent statistics (mean m, std s over a dataset) the natural choice is shift_factor = m and
 scaling_factor = 1 / s; `compute_latent_stats` / `ssdd stats` measure them. No statistics are published for
-the facebook/SSDD checkpoints, so `LATENT_STATS` is empty and every checkpoint defaults to 1.0 / 0.0 (no
-normalisation) until a user supplies a stats JSON or explicit numbers.
+the facebook/SSDD checkpoints, so every checkpoint defaults to 1.0 / 0.0 (no normalisation) until a user supplies
+a stats JSON or explicit numbers.
 """
 from __future__ import annotations
 
@@ -25,10 +25,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-
-# Hub filename (as in ssdd_runtime.weights.KNOWN_FILES) -> (scaling_factor, shift_factor). Only numbers measured
-# on the real checkpoint over a stated dataset belong here; none have been published or measured yet.
-LATENT_STATS: dict[str, tuple[float, float]] = {}
 
 DEFAULT_SCALING_FACTOR = 1.0
 DEFAULT_SHIFT_FACTOR = 0.0
@@ -44,14 +40,11 @@ def known_file(checkpoint: str | os.PathLike | None) -> str | None:
     return next((name for name in KNOWN_FILES if p == name or p.endswith("/" + name)), None)
 
 
-def latent_normalization(checkpoint: str | os.PathLike | None = None, *, stats: str | os.PathLike | dict | None = None,
-                         scaling_factor: float | None = None, shift_factor: float | None = None) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) for a checkpoint. Priority: explicit numbers, then a stats JSON written by
-    `ssdd stats` (or its dict), then `LATENT_STATS[known file name]`, then 1.0 / 0.0."""
+def latent_normalization(*, stats: str | os.PathLike | dict | None = None, scaling_factor: float | None = None,
+                         shift_factor: float | None = None) -> tuple[float, float]:
+    """(scaling_factor, shift_factor). Priority: explicit numbers, then a stats JSON written by `ssdd stats` (or its
+    dict), then 1.0 / 0.0 (no checkpoint has published statistics)."""
     scale, shift = DEFAULT_SCALING_FACTOR, DEFAULT_SHIFT_FACTOR
-    name = known_file(checkpoint)
-    if name in LATENT_STATS:
-        scale, shift = LATENT_STATS[name]
     if stats is not None:
         d = stats if isinstance(stats, dict) else json.loads(Path(stats).read_text(encoding="utf-8"))
         if "scaling_factor" not in d or "shift_factor" not in d:
@@ -119,33 +112,25 @@ def compute_latent_stats(model, paths: list[str | os.PathLike], *, batch_size: i
     """Encode images (center-cropped to multiples of the stride) with `model.encode(x).mode()` and return the
     latent mean/std (global and per channel) plus `scaling_factor = 1/std`, `shift_factor = mean`.
     Unreadable images are skipped and listed under "errors" (path -> message); they never stop the run."""
-    from ssdd_runtime.io import load_image
+    from ssdd_runtime.io import load_image, same_shape_batches
 
     if not paths:
         raise ValueError("no images given")
     acc = LatentStats(model.decoder_config.z_dim)
     errors: dict[str, str] = {}
-    pending: list[torch.Tensor] = []
+
+    def readable():
+        for p in paths:
+            try:
+                yield p, load_image(p, multiple_of=model.stride)
+            except (ValueError, FileNotFoundError) as e:
+                log.warning("skipping %s: %s", p, e)
+                errors[str(p)] = str(e)
+
     num_images = 0
-
-    def flush():
-        nonlocal pending
-        if pending:
-            acc.update(model.encode(torch.cat(pending)).mode())
-            pending = []
-
-    for p in paths:
-        try:
-            x = load_image(p, multiple_of=model.stride)
-        except (ValueError, FileNotFoundError) as e:
-            log.warning("skipping %s: %s", p, e)
-            errors[str(p)] = str(e)
-            continue
-        if pending and (pending[0].shape != x.shape or len(pending) >= batch_size):
-            flush()
-        pending.append(x)
-        num_images += 1
-    flush()
+    for names, x in same_shape_batches(readable(), batch_size):
+        acc.update(model.encode(x).mode())
+        num_images += len(names)
     if num_images == 0:
         raise ValueError(f"none of the {len(paths)} images could be read: {errors}")
     out = acc.summary()

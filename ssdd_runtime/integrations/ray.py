@@ -37,6 +37,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from ssdd_runtime.io import (IMAGE_SUFFIXES, center_crop, pil_to_tensor, same_shape_batches, scan_folder,
+                             tensor_to_pil)
+from ssdd_runtime.sampler import T_POW_SHIFT, seeded_noise
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'ssdd-runtime[ray]' (ray[data] and pyarrow)"
@@ -68,8 +72,6 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
                 key_column: str | None = None) -> list[Item]:
     """Expand folders (recursively: image files and *.parquet), image files and parquet files into items, sorted
     by key. Parquet rows take their key from `key_column` when given, else "<file stem>/<row:08d>"."""
-    from ssdd_runtime.io import IMAGE_SUFFIXES
-
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not sources:
         raise ValueError("no inputs given: expected a folder, image files or parquet files")
@@ -77,9 +79,7 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            suffixes = IMAGE_SUFFIXES + (".parquet",)
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
-            for f in files:
+            for f in scan_folder(p, IMAGE_SUFFIXES + (".parquet",)):
                 rel = f.relative_to(p).as_posix()
                 if f.suffix.lower() == ".parquet":
                     items += _parquet_items(f, rel[: -len(".parquet")], image_column, key_column)
@@ -133,8 +133,6 @@ def _image_from_bytes(data: bytes, stride: int) -> torch.Tensor:
     """Encoded image bytes -> (1, 3, H, W) in [-1, 1], center-cropped to multiples of the stride."""
     from PIL import Image
 
-    from ssdd_runtime.io import center_crop, pil_to_tensor
-
     with Image.open(io.BytesIO(data)) as im:
         return center_crop(pil_to_tensor(im), stride)
 
@@ -168,25 +166,22 @@ class _ParquetRows:
         return bytes(value)
 
 
-def _load_model(source, filename, revision, dtype, device):
+def _load_model(source, filename, revision, dtype, num_gpus: float):
     from ssdd_runtime.api import SSDD
 
+    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     return SSDD.from_pretrained(source, filename, revision=revision, dtype=dtype, device=device)
-
-
-def _device(num_gpus: float) -> str:
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 class _EncodeActor:
     def __init__(self, source, filename, revision, dtype, num_gpus, image_column):
-        self.model = _load_model(source, filename, revision, dtype, _device(num_gpus))
+        self.model = _load_model(source, filename, revision, dtype, num_gpus)
         self.rows = _ParquetRows(image_column)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         latents, shapes, errors = [b""] * n, [""] * n, [""] * n
-        groups: dict[tuple, list] = defaultdict(list)  # image size -> [(index, tensor)]
+        images = []  # (index, (1, 3, H, W))
         for i in range(n):
             path, row = str(batch["path"][i]), int(batch["row"][i])
             try:
@@ -195,14 +190,13 @@ class _EncodeActor:
                 else:
                     with open(path, "rb") as f:
                         data = f.read()
-                x = _image_from_bytes(data, self.model.stride)
+                images.append((i, _image_from_bytes(data, self.model.stride)))
             except (OSError, ValueError, SyntaxError) as e:  # PIL: OSError/UnidentifiedImageError, SyntaxError
                 errors[i] = f"{type(e).__name__}: {e}"
-                continue
-            groups[tuple(x.shape)].append((i, x))
-        for members in groups.values():
-            z = self.model.encode(torch.cat([x for _, x in members])).mode().cpu()  # fp32 (b, C, h, w)
-            for (i, _), zi in zip(members, z):
+        images.sort(key=lambda item: tuple(item[1].shape))  # stable: one forward pass per image size
+        for index, x in same_shape_batches(images):
+            z = self.model.encode(x).mode().cpu()  # fp32 (b, C, h, w)
+            for i, zi in zip(index, z):
                 latents[i] = zi.numpy().astype("<f4").tobytes()
                 shapes[i] = ",".join(map(str, zi.shape))
         return {"key": batch["key"], "shard": batch["shard"], "latent": np.array(latents, dtype=object),
@@ -211,36 +205,30 @@ class _EncodeActor:
 
 class _DecodeActor:
     def __init__(self, source, filename, revision, dtype, num_gpus, steps, t_pow_shift, seed):
-        self.model = _load_model(source, filename, revision, dtype, _device(num_gpus))
+        self.model = _load_model(source, filename, revision, dtype, num_gpus)
         self.steps, self.t_pow_shift, self.seed = steps, t_pow_shift, seed
         self.cached: tuple | None = None  # (shard path, {key: latent})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ssdd_runtime.io import tensor_to_pil
-        from ssdd_runtime.sampler import randn
-
         n = len(batch["key"])
         pngs, errors = [b""] * n, [""] * n
-        groups: dict[tuple, list] = defaultdict(list)
+        latents = []  # (index, (1, C, h, w))
         for i in range(n):
             shard, key = str(batch["shard_file"][i]), str(batch["key"][i])
             try:
                 if self.cached is None or self.cached[0] != shard:
                     self.cached = (shard, read_shard(shard)[0])
-                z = self.cached[1][key]
+                latents.append((i, self.cached[1][key][None]))
             except (OSError, ValueError, KeyError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
-                continue
-            groups[tuple(z.shape)].append((i, z))
-        for shape, members in groups.items():
-            C, h, w = shape
+        latents.sort(key=lambda item: tuple(item[1].shape))  # stable: one forward pass per latent size
+        F_ = self.model.stride
+        for index, z in same_shape_batches(latents):
+            B, _, h, w = z.shape
             # every image gets the same seeded start noise: the output depends only on its latent and the seed
-            one = randn((1, 3, h * self.model.stride, w * self.model.stride),
-                        generator=torch.Generator().manual_seed(self.seed))
-            z = torch.stack([z for _, z in members])
-            img = self.model.decode(z, steps=self.steps, t_pow_shift=self.t_pow_shift,
-                                    noise=one.expand(len(members), -1, -1, -1))
-            for (i, _), pil in zip(members, tensor_to_pil(img)):
+            noise = seeded_noise((3, h * F_, w * F_), self.seed, B, device=self.model.device)
+            img = self.model.decode(z, steps=self.steps, t_pow_shift=self.t_pow_shift, noise=noise)
+            for i, pil in zip(index, tensor_to_pil(img)):
                 buf = io.BytesIO()
                 pil.save(buf, format="PNG")
                 pngs[i] = buf.getvalue()
@@ -465,15 +453,13 @@ def png_name(key: str) -> PurePosixPath:
     p = PurePosixPath(key.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts:
         p = PurePosixPath(*[part for part in p.parts if part not in ("/", "..")])
-    from ssdd_runtime.io import IMAGE_SUFFIXES
-
     name = p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name
     return p.with_name(name + ".png")
 
 
 def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *, checkpoint: str | os.PathLike,
-               filename: str | None = None, revision: str | None = None, steps: int = 1, t_pow_shift: float = 2.0,
-               seed: int = 0, batch_size: int = 8, concurrency: int | None = None,
+               filename: str | None = None, revision: str | None = None, steps: int = 1,
+               t_pow_shift: float = T_POW_SHIFT, seed: int = 0, batch_size: int = 8, concurrency: int | None = None,
                num_gpus_per_actor: float | None = None, dtype: str = "fp32", address: str | None = None,
                num_cpus: int | None = None) -> Report:
     """Decode every latent of the shards in latents_dir to `<output_dir>/<key>.png` (image suffix replaced).
