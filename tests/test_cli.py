@@ -63,6 +63,62 @@ def test_help(cmd):
     assert res.returncode == 0 and "usage: ssdd" in res.stdout
 
 
+COMMANDS = [["encode"], ["decode"], ["reconstruct"], ["demo"], ["export"], ["export", "onnx"],
+            ["export", "tensorrt"], ["export", "trtexec-cmd"], ["export", "triton-repo"], ["bench"], ["stats"],
+            ["tokenize"], ["detokenize"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: ssdd {' '.join(cmd)}")
+
+
+def test_shared_flags_come_from_one_place():
+    from ssdd_runtime.cli import build_parser
+
+    parser = build_parser()
+    source = ["--checkpoint", "c.safetensors"]
+    for cmd, extra in ((["encode", "a.png"], ["--device", "cpu", "--dtype", "bf16", "--batch-size", "2"]),
+                       (["decode", "z.npy"], ["--device", "cpu", "--dtype", "bf16", "--steps", "2", "--seed", "3",
+                                              "--t-pow-shift", "1.5", "--batch-size", "2"]),
+                       (["reconstruct", "a.png"], ["--steps", "2", "--seed", "3", "--t-pow-shift", "1.5"]),
+                       (["stats", "imgs"], ["--dtype", "bf16", "--batch-size", "2"]),
+                       (["tokenize", "imgs"], ["--dtype", "bf16", "--batch-size", "2"]),
+                       (["detokenize", "lat"], ["--dtype", "bf16", "--steps", "2", "--seed", "3", "--t-pow-shift",
+                                                "1.5", "--batch-size", "2"]),
+                       (["export", "onnx"], ["--steps", "2", "--t-pow-shift", "1.5"])):
+        args = parser.parse_args([*cmd, "-o", "out", *source, *extra])
+        assert args.checkpoint == "c.safetensors" and args.repo is None, cmd
+        for flag, value in zip(extra[::2], extra[1::2]):
+            assert str(getattr(args, flag[2:].replace("-", "_"))) == value, (cmd, flag)
+    assert parser.parse_args(["decode", "z", "-o", "o", *source]).t_pow_shift == 2.0
+    with pytest.raises(SystemExit):  # --checkpoint and --repo exclude each other
+        parser.parse_args(["encode", "a.png", "-o", "z.npy", *source, "--repo", "facebook/SSDD"])
+
+
+def test_list_flags_take_spaces_or_commas():
+    from ssdd_runtime.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--batch", "1,4", "16", "--res", "256,256x384", "--models", "ssdd-S",
+                              "kl-vae", "--steps", "1,8"])
+    assert args.batch == [1, 4, 16] and args.res == [(256, 256), (256, 384)] and args.steps == [1, 8]
+    assert args.models == ["ssdd-S", "kl-vae"] and args.backends is None
+    args = parser.parse_args(["export", "triton-repo", "--onnx", "m.onnx", "--repo", "r",
+                              "--preferred-batch-sizes", "4,8"])
+    assert args.preferred_batch_sizes == [4, 8]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--batch", "1,x"])
+
+
+def test_repo_needs_filename_everywhere(tmp_path, capsys):
+    for cmd in (["encode", "a.png"], ["stats", str(tmp_path)], ["export", "onnx"]):
+        assert main([*cmd, "-o", str(tmp_path / "o"), "--repo", "facebook/SSDD"]) == 2
+        assert "--repo needs --filename" in capsys.readouterr().err, cmd
+
+
 def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path)]) == 0
     out = capsys.readouterr().out
