@@ -84,35 +84,26 @@ def _checkpoint_flags() -> argparse.ArgumentParser:
     return p
 
 
-def _dtype_flag() -> argparse.ArgumentParser:
+def _runtime_flags(*, device: bool = True) -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument_group("runtime").add_argument("--dtype", default="fp32", choices=DTYPES,
-                                                 help="weights/activations dtype (default fp32)")
+    g = p.add_argument_group("runtime")
+    if device:
+        g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights/activations dtype (default fp32)")
     return p
 
 
-def _device_flag() -> argparse.ArgumentParser:
-    p = _parent()
-    p.add_argument_group("runtime").add_argument("--device", default=None,
-                                                 help="torch device (default: cuda if available, else cpu)")
-    return p
-
-
-def _sampler_flags() -> argparse.ArgumentParser:
+def _sampler_flags(*, seed: bool = True) -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--steps", type=int, default=1, help="Euler steps (1 = single-step decoding; default 1)")
     p.add_argument("--t-pow-shift", type=float, default=T_POW_SHIFT,
                    help=f"time-grid exponent (default {T_POW_SHIFT})")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
     return p
 
 
-def _seed_flag() -> argparse.ArgumentParser:
-    p = _parent()
-    p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
-    return p
-
-
-def _batch_flag(default: int | None, per: str) -> argparse.ArgumentParser:
+def _batch_flag(default: int | None, *, per: str = "forward pass") -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--batch-size", type=int, default=default,
                    help=f"images per {per} (default {'all' if default is None else default})")
@@ -139,10 +130,8 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ckpt, dtype, device = _checkpoint_flags(), _dtype_flag(), _device_flag()
-    sampler, seed = _sampler_flags(), _seed_flag()
-    model = [ckpt, device, dtype]
-    decode = [sampler, seed]
+    ckpt, runtime, decode, batch = _checkpoint_flags(), _runtime_flags(), _sampler_flags(), _batch_flag(None)
+    model = [ckpt, runtime]
     parser = argparse.ArgumentParser(prog="ssdd", description="SSDD image tokenizer runtime: encode images to "
                                      "latents and decode them with the single-step diffusion decoder.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -152,21 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("encode", cmd_encode, "images -> latents file", parents=[*model, _batch_flag(None, "forward pass")],
+    p = command("encode", cmd_encode, "images -> latents file", parents=[*model, batch],
                 epilog=EPILOG, description="Encode images (same size; center-cropped to multiples of the encoder "
                 "stride) to their latent means, saved as one (B, C, h, w) tensor.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--output", required=True, help="latents file: .safetensors, .npy or .pt")
 
     p = command("decode", cmd_decode, "latents file -> PNG images",
-                parents=[*model, *decode, _batch_flag(None, "forward pass")], epilog=EPILOG,
+                parents=[*model, decode, batch], epilog=EPILOG,
                 description="Decode a latents file (written by `ssdd encode` or any (B, C, h, w) tensor) to PNGs "
                             "named after the encoded images when known.")
     p.add_argument("latents", help="latents file: .safetensors, .npy or .pt")
     p.add_argument("-o", "--output", required=True, help="output folder")
 
     p = command("reconstruct", cmd_reconstruct, "images -> encode -> decode -> PNGs, with PSNR",
-                parents=[*model, *decode, _batch_flag(None, "forward pass")], epilog=EPILOG,
+                parents=[*model, decode, batch], epilog=EPILOG,
                 description="Round-trip images through the tokenizer and print the PSNR of each.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -178,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_export(sub.add_parser("export", help="ONNX / TensorRT / Triton Inference Server export",
                                description="Export SSDD graphs for ONNX Runtime, TensorRT and Triton."),
-                ckpt, sampler)
+                ckpt)
 
-    p = command("bench", cmd_bench, "SSDD vs KL-VAE decode throughput across backends", parents=[device, dtype],
+    p = command("bench", cmd_bench, "SSDD vs KL-VAE decode throughput across backends", parents=[runtime],
                 description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the 3-minute CPU check described above")
     p.add_argument("--models", action=_Items, default=["ssdd-M", "kl-vae"],
@@ -207,14 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-call progress lines")
 
     p = command("stats", cmd_stats, "latent mean/std over images -> JSON (scaling_factor, shift_factor)",
-                parents=[*model, _batch_flag(8, "forward pass")], epilog=EPILOG,
+                parents=[*model, _batch_flag(8)], epilog=EPILOG,
                 description="Encode images (folders are searched recursively) and write the mean and std of their "
                             "latents, globally and per channel, with the diffusers normalisation scaling_factor "
                             "= 1/std and shift_factor = mean.")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="JSON file to write")
 
-    ray = [ckpt, dtype, _ray_flags()]
+    ray = [ckpt, _runtime_flags(device=False), _batch_flag(8, per="actor call"), _ray_flags()]
     p = command("tokenize", cmd_tokenize, "images -> latent shards with Ray Data (resumable)", parents=ray,
                 epilog=EPILOG + " " + RAY_EPILOG,
                 description="Encode a folder, image files or parquet files of image bytes to latent means, "
@@ -228,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-column", default=None, help="parquet column with unique item keys (default: row index)")
 
     p = command("detokenize", cmd_detokenize, "latent shards -> PNGs with Ray Data (resumable)",
-                parents=[*ray, *decode], epilog=EPILOG + " " + RAY_EPILOG,
+                parents=[*ray, decode], epilog=EPILOG + " " + RAY_EPILOG,
                 description="Decode every latent of the shards written by `ssdd tokenize` to OUTDIR/<key>.png; "
                             "existing PNGs are skipped.")
     p.add_argument("latents", help="folder of shard-*.parquet / shard-*.safetensors")
@@ -236,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_export(export: argparse.ArgumentParser, ckpt, sampler) -> None:
+def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) -> None:
     sub = export.add_subparsers(dest="export_command", metavar="TARGET", required=True)
-    p = sub.add_parser("onnx", help="checkpoint -> ONNX graph (decoder or encoder)", parents=[ckpt, sampler],
-                       epilog=EPILOG,
+    p = sub.add_parser("onnx", help="checkpoint -> ONNX graph (decoder or encoder)",
+                       parents=[ckpt, _sampler_flags(seed=False)], epilog=EPILOG,
                        description="Export the decoder (latent_sample, noise -> sample; --steps Euler steps unrolled "
                                    "into the graph) or the encoder (image -> latent_mean, latent_logvar) with dynamic "
                                    "batch, height and width, then check it with onnx.checker and compare ONNX "
@@ -291,7 +280,6 @@ def _ray_flags() -> argparse.ArgumentParser:
     g = p.add_argument_group("ray")
     g.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:10001); default: local")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per actor call (default 8)")
     g.add_argument("--concurrency", type=int, default=None,
                    help="actors, one model each (default: one per GPU, or 1 on CPU)")
     g.add_argument("--num-gpus-per-actor", type=float, default=None,
