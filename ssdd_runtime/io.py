@@ -1,9 +1,11 @@
 """Images <-> [-1, 1] tensors, latents <-> files (.safetensors, .npy without pickle, .pt with weights_only)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -52,6 +54,80 @@ def same_shape_batches(items: Iterable[tuple[object, torch.Tensor]], batch_size:
         xs.append(x)
     if xs:
         yield tags, torch.cat(xs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one output writer (STYLE rule 15): temp file in the target folder, fsync, rename; names confined to -o.
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder; on success fsync it and rename it to `path`, so `path` is
+    either absent, its previous content, or complete. On any error (or KeyboardInterrupt) the temp file is
+    removed. `overwrite=False` refuses an existing `path` (FileExistsError). The folder must exist."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    if path.is_dir():
+        raise IsADirectoryError(f"output path is a folder, expected a file: {path}")
+    if not overwrite and path.exists():
+        raise FileExistsError(f"output file exists: {path}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def confined_path(output_dir: str | os.PathLike, name: str) -> Path:
+    """`output_dir / name` for a relative POSIX-style name with no '..', no absolute part and no drive, else
+    ValueError: whatever a latents file or an input path says, nothing is written outside `output_dir`."""
+    p = PurePosixPath(str(name).replace("\\", "/"))
+    if not p.parts or p.is_absolute() or ".." in p.parts or ":" in p.parts[0] or str(p) in ("", "."):
+        raise ValueError(f"output name {name!r} would leave the output folder {output_dir}")
+    return Path(output_dir, *p.parts)
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Deterministic collision-free names: the first use of a name keeps it; later uses (compared
+    case-insensitively, as on case-insensitive file systems) get `-1`, `-2`, ... before the suffix, skipping any
+    name that is taken or that another input asks for."""
+    wanted = {n.lower() for n in names}
+    used: set[str] = set()
+    out = []
+    for n in names:
+        cand, k = n, 0
+        head, dot, suffix = n.rpartition(".") if "." in PurePosixPath(n).name else (n, "", "")
+        while cand.lower() in used or (k and cand.lower() in wanted):
+            k += 1
+            cand = f"{head}-{k}{dot}{suffix}"
+        used.add(cand.lower())
+        out.append(cand)
+    return out
 
 
 def uint8_to_tensor(images) -> torch.Tensor:
@@ -114,8 +190,11 @@ def center_crop(x: torch.Tensor, multiple_of: int, *, name: str = "image") -> to
 
 
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write one image atomically; the format comes from `path`'s suffix (PNG for .png)."""
     (img,) = tensor_to_pil(x if x.dim() == 4 else x[None])
-    img.save(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(Path(path).suffix.lower(), Path(path).suffix[1:].upper() or "PNG")
+    with atomic_output(path) as tmp:
+        img.save(tmp, format=fmt)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -129,17 +208,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def save_latents(path: str | os.PathLike, z: torch.Tensor, metadata: dict | None = None) -> None:
     """Write latents (B, C, h, w) by suffix: .safetensors (tensor 'latents' + JSON metadata), .npy, .pt."""
     path = Path(path)
-    z = z.detach().float().cpu().contiguous()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({"latents": z}, path, metadata={"ssdd": json.dumps(metadata or {})})
-    elif path.suffix == ".npy":
-        np.save(path, z.numpy(), allow_pickle=False)
-    elif path.suffix == ".pt":
-        torch.save({"latents": z, "metadata": metadata or {}}, path)
-    else:
+    if path.suffix not in (".safetensors", ".npy", ".pt"):
         raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
+    z = z.detach().float().cpu().contiguous()
+    with atomic_output(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({"latents": z}, tmp, metadata={"ssdd": json.dumps(metadata or {})})
+        elif path.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, z.numpy(), allow_pickle=False)
+        else:
+            torch.save({"latents": z, "metadata": metadata or {}}, tmp)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
