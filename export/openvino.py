@@ -3,8 +3,9 @@
 Graphs (converted with `openvino.convert_model` straight from the PyTorch module, inputs/outputs fp32):
     decoder network, ONE evaluation: x (B, 3, H, W), t (B,) in [0, 1000], z (B, C, H/F, W/F) -> v (B, 3, H, W)
     encoder: image (B, 3, H, W) -> latent_mean, latent_logvar (B, C, H/F, W/F) (logvar clamped as in `encode`)
-B, H, W are dynamic in the converted model (one compiled model serves every resolution, non-square included);
-`shape=(B, H, W)` compiles a static one instead. N-step decodes run `sampler.euler_sample` with the compiled
+B, H, W are dynamic in the converted and compiled model: one compiled model serves every batch and resolution,
+non-square included. (A static reshape of the decoder IR crashes OpenVINO 2026.4.1's CPU compile with a
+segfault here, so no static mode is offered.) N-step decodes run `sampler.euler_sample` with the compiled
 network as `net`, so the time grid, the fp32 Euler state and the noise are the PyTorch path's own.
 
 Conversion path: `convert_model` on the torch module of `onnx.prepare_for_export(model)` (a plain fp32 copy;
@@ -20,7 +21,7 @@ real weights is unverified. A bf16/int8 result with non-finite values is retried
 
 Disk cache (default `$XDG_CACHE_HOME/ssdd-runtime/openvino`, else `~/.cache/ssdd-runtime/openvino`):
     ir/<part>-<enc>-<dec>-<weights sha256[:16]>-v<FORMAT>.xml/.bin   converted model, written atomically
-    compiled/<IR stem>-<shape mode>-<precision>/                      OpenVINO's CACHE_DIR for the compiled blob
+    compiled/<IR stem>-dynamic-<precision>/                          OpenVINO's CACHE_DIR for the compiled blob
 Verified here (AMD Zen 5, OpenVINO 2026.4.1): tests/test_export_openvino.py.
 """
 from __future__ import annotations
@@ -137,7 +138,10 @@ def convert(model: SSDDModule, part: str = "decoder", *, cache_dir=None) -> Path
         example = (torch.rand(2, 3, 4 * F, 6 * F) * 2 - 1,)
         shapes = [[-1, 3, -1, -1]]
         names = ENCODER_INPUTS
-    with torch.no_grad():
+    # convert_model traces the module. The TracerWarnings are the kernels' shape-constraint checks, which hold
+    # for every valid input (the dynamic-shape tests run other sizes through the same graph).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         ov_model = ov.convert_model(net.eval(), example_input=example,
                                     input=[ov.PartialShape(s) for s in shapes])
     for port, name in zip(ov_model.inputs, names):
@@ -181,29 +185,16 @@ def compile_config(precision: str, *, threads: int | None = None, hint: str = "L
 
 
 def compile_ir(xml, *, precision: str = "f32", threads: int | None = None, hint: str = "LATENCY",
-               shape: tuple[int, int, int] | None = None, stride: int | None = None, cache: bool = True):
-    """Compile an IR written by `convert` (or `quantize`) for the CPU. shape=(B, H, W) image size compiles a
-    static model (stride needed for the decoder's latent input); None keeps B/H/W dynamic. With cache=True the
-    blob goes to compiled/<IR stem>-<shape mode>-<precision>/ next to the IR folder and is reused."""
+               cache: bool = True):
+    """Compile an IR written by `convert` (or `quantize`) for the CPU, shapes dynamic. With cache=True the blob
+    goes to compiled/<IR stem>-dynamic-<precision>/ beside the IR folder and is reused by later compiles."""
     ov = _require_openvino()
     xml = Path(xml)
     precision = check_precision(precision)
-    mode = "dynamic" if shape is None else "static-" + "x".join(str(int(s)) for s in shape)
-    blob_dir = xml.parent.parent / "compiled" / f"{xml.stem}-{mode}-{precision}" if cache else None
+    blob_dir = xml.parent.parent / "compiled" / f"{xml.stem}-dynamic-{precision}" if cache else None
     config = compile_config(precision, threads=threads, hint=hint, cache_dir=blob_dir)
-    core = ov.Core()
-    if shape is None:
-        return core.compile_model(str(xml), "CPU", config)  # from the file: a cache hit skips reading the IR
-    B, H, W = (int(s) for s in shape)
-    model = core.read_model(str(xml))
-    if len(model.inputs) == 3:
-        if stride is None or H % stride or W % stride:
-            raise ValueError(f"static decoder shape {shape} needs H and W multiples of the stride {stride}")
-        model.reshape({"x": [B, 3, H, W], "t": [B], "z": [B, model.input("z").partial_shape[1], H // stride,
-                                                            W // stride]})
-    else:
-        model.reshape({"image": [B, 3, H, W]})
-    return core.compile_model(model, "CPU", config)
+    # From the file, not an ov.Model: a cache hit then skips reading the IR.
+    return ov.Core().compile_model(str(xml), "CPU", config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,11 +223,11 @@ class _Part:
     """Shared by decoder and encoder: the compiled network plus the lazily compiled f32 twin used when a
     bf16/int8 result is non-finite."""
 
-    def __init__(self, xml, *, precision="f32", threads=None, hint="LATENCY", shape=None, stride=None,
-                 cache=True, fp32_xml=None):
+    def __init__(self, xml, *, precision="f32", threads=None, hint="LATENCY", stride=None, cache=True,
+                 fp32_xml=None):
         self.xml, self.stride = Path(xml), stride
         self.precision = check_precision(precision)
-        self._options = dict(threads=threads, hint=hint, shape=shape, stride=stride, cache=cache)
+        self._options = dict(threads=threads, hint=hint, cache=cache)
         self._fp32_xml = Path(fp32_xml) if fp32_xml is not None else self.xml
         self.net = OpenVINONetwork(compile_ir(self.xml, precision=self.precision, **self._options), self.precision)
         self._fp32_net = self.net if self.precision == "f32" else None
@@ -368,13 +359,12 @@ class OpenVINOModel:
 
 
 def to_openvino(model: SSDDModule, *, precision="f32", threads: int | None = None, hint: str = "LATENCY",
-                shape: tuple[int, int, int] | None = None, cache_dir=None, cache: bool = True,
+                cache_dir=None, cache: bool = True,
                 calibration: torch.Tensor | None = None) -> OpenVINOModel:
     """`model` (an `SSDD` or `SSDDModule`, any device/dtype) on OpenVINO's CPU plugin.
 
     precision: "f32" | "bf16" | "int8" (int8 needs `calibration`, a (N, C, h, w) batch of latents, and nncf).
     threads: INFERENCE_NUM_THREADS (None: the plugin's default, one per physical core). hint: PERFORMANCE_HINT.
-    shape: None = dynamic B/H/W (one compiled model for every size); (B, H, W) = a static image size.
     cache_dir: IR and compiled-blob cache (default `default_cache_dir()`); cache=False skips the compiled blobs.
     The IRs are converted here (once per checkpoint); each part is compiled on its first encode/decode.
     """
@@ -385,13 +375,13 @@ def to_openvino(model: SSDDModule, *, precision="f32", threads: int | None = Non
         raise ValueError("precision='int8' needs calibration=latents (N, C, h, w) for NNCF's quantization")
     if precision != "int8" and calibration is not None:
         raise ValueError("calibration= is only used with precision='int8'")
+    compile_config(precision, threads=threads, hint=hint)  # validate before the (slow) conversion
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     xml = {part: convert(model, part, cache_dir=cache_dir) for part in PARTS}
     fp32_xml = dict(xml)
     if precision == "int8":
         xml["decoder"] = quantize(xml["decoder"], calibration, stride=model.stride)
-    options = dict(precision=precision, threads=threads, hint=hint, shape=shape, cache=cache)
-    compile_config(precision, threads=threads, hint=hint)  # validate now, not on first use
+    options = dict(precision=precision, threads=threads, hint=hint, cache=cache)
     return OpenVINOModel(model.encoder_config, model.decoder_config, xml, options, fp32_xml)
 
 
