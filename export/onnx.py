@@ -220,7 +220,7 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
         args = (torch.randn(2, 3, 4 * F, 6 * F),)
         inputs, outputs = ((OPTIMUM_ENCODER_INPUTS, OPTIMUM_ENCODER_OUTPUTS) if names == "optimum"
                            else (ENCODER_INPUTS, ENCODER_OUTPUTS))
-        dynamic = {inputs[0]: {0: B, 2: F * h, 3: F * w}}
+        dynamic = {"image": {0: B, 2: F * h, 3: F * w}}  # keyed by forward's argument; input_names renames
     proto = export_module(graph, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
                           opset=opset)
     if noise == "graph":
@@ -275,6 +275,31 @@ def _draw_noise_in_graph(proto, *, stride: int, seed: int) -> None:
         graph.node.insert(i, node)
     graph.output.append(onnx.ValueInfoProto())
     graph.output[-1].CopyFrom(noise_in)
+
+
+def convert_to_graph_noise(src, dst, *, seed: int = 0, external_data: bool | None = None) -> Path:
+    """Write the noise="graph" variant of the noise-input decoder graph `src` to `dst` (what
+    export_onnx(noise="graph", seed=seed) writes, without re-exporting)."""
+    onnx = _require("onnx")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {src}")
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("ssdd.part") != "decoder" or meta.get("ssdd.noise", "input") != "input":
+        raise ValueError(f"{src} is not a noise-input decoder graph written by export_onnx (metadata "
+                         f"ssdd.part={meta.get('ssdd.part')!r}, ssdd.noise={meta.get('ssdd.noise')!r})")
+    check_export_args("decoder", 1, None, torch.float32, "graph", meta.get("ssdd.names", "ssdd"), seed)
+    _draw_noise_in_graph(proto, stride=int(meta["ssdd.stride"]), seed=seed)
+    for key, value in (("ssdd.noise", "graph"), ("ssdd.noise_seed", str(seed))):
+        props = [p for p in proto.metadata_props if p.key == key]
+        if props:
+            props[0].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
+    n_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    _save(proto, dst, n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    return dst
 
 
 def convert_to_fp16(src, dst, *, external_data: bool | None = None) -> Path:
