@@ -145,9 +145,10 @@ def profile_for_onnx(onnx_path, min_shape: str, opt_shape: str, max_shape: str) 
     if "ssdd.part" not in meta:
         raise ValueError(f"{onnx_path} has no ssdd.* metadata: export it with `ssdd export onnx` "
                          "(or pass per-input shapes name:BxCxHxW)")
-    from ssdd_runtime.export.onnx import graph_io
-
-    inputs = tuple(name for name, _, _ in graph_io(onnx_path)["inputs"])
+    if meta["ssdd.part"] == "decoder":
+        inputs = ("latent_sample",) if meta.get("ssdd.noise") == "graph" else ("latent_sample", "noise")
+    else:
+        inputs = ("sample",) if meta.get("ssdd.names") == "optimum" else ("image",)
     return make_profile(min_shape, opt_shape, max_shape, part=meta["ssdd.part"], stride=int(meta["ssdd.stride"]),
                         z_dim=int(meta["ssdd.z_dim"]), inputs=inputs)
 
