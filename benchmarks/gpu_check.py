@@ -35,7 +35,7 @@ from ssdd_runtime.benchmarks.schema import SCHEMA, problems, write_json
 from ssdd_runtime.benchmarks.timing import environment, kernel_ms
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (editable install: benchmarks/ is this folder)
-BUDGET_S = 420  # gpu_check.sh stops the process at 470 s; sections that would start later are skipped
+BUDGET_S = 410  # gpu_check.sh passes its own (470 s minus install time minus 60); later sections are skipped
 TINY_VAE = {"block_out_channels": [32, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
             "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 4, "layers_per_block": 1,
             "norm_num_groups": 32}
@@ -211,7 +211,7 @@ def decode_configs(device, smoke):
             Config(batches=[1], resolutions=[(1024, 1024)], **common)]
 
 
-def decode_bench(report, device, smoke, deadline):
+def decode_bench(report, device, smoke, deadline, save=lambda: None):
     from ssdd_runtime.benchmarks.run import run_benchmark
 
     for cfg in decode_configs(device, smoke):
@@ -222,6 +222,7 @@ def decode_bench(report, device, smoke, deadline):
         report["results"] += part["results"]
         report["ratios"] += part["ratios"]
         report["skipped"] += [s for s in part["skipped"] if s not in report["skipped"]]
+        save()  # each sweep's numbers survive a hard stop during the next
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -285,7 +286,7 @@ def main(argv=None):
         section("attention", lambda: report["kernels"].__setitem__("attention",
                                                                    attention_bench(device, dtype, args.cpu_smoke)))
         section("norms", lambda: report["kernels"].__setitem__("norms", norm_bench(device, dtype, args.cpu_smoke)))
-        section("decode", lambda: decode_bench(report, device, args.cpu_smoke, deadline))
+        section("decode", lambda: decode_bench(report, device, args.cpu_smoke, deadline, save))
     report["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     bad = problems(report)
     if bad:
