@@ -4,7 +4,8 @@
 # 256/512/1024, eager dense-mask reference vs Triton kernels) with peak memory. Writes ONE JSON to
 # ${OUT:-benchmarks/results}/gpu_check_<UTC date>.json, also when sections fail or time runs out (errors and
 # skipped sections are recorded in it). Uses no network; finishes in under 8 minutes (the Python side starts no
-# section after its budget; the whole script, install included, stops at 470 s). Runs unchanged on the lent machine (python3, torch 2.11):
+# section after its budget; the whole script, install included, stops at 470 s). Runs unchanged on the lent
+# machine (python3 = Python 3.12, torch 2.11, triton 3.6, no diffusers/TensorRT):
 #   - installs this checkout with `pip install --no-deps --no-build-isolation -e .` when ssdd_runtime is not
 #     importable from it (nothing is downloaded);
 #   - wheels in .whl/ (carried, e.g. diffusers for the KL-VAE baseline) are installed to /tmp/ssdd-whl first;
