@@ -4,21 +4,27 @@
     triton       PyTorch eager with the Triton kernels (CUDA); the KL-VAE has no kernels and runs eager
     compile      torch.compile (inductor, freezing on); compile time is the first warm-up call
     cudagraphs   one network call captured as a CUDA graph (Triton kernels on where they apply)
-    onnxruntime  torch.onnx.export(dynamo=True, opset 18) at static shapes, ONNX Runtime with all graph
-                 optimisations (CPU, or the CUDA execution provider on a CUDA device)
-    tensorrt     the same ONNX file built into a TensorRT engine (CUDA)
+    onnxruntime  the network exported by `export.onnx.export_module` (dynamo, opset 18) at static shapes, with the
+                 SSDD attention in its export form (`export.onnx.export_attention`, as deployed), run by
+                 `export.onnx.ort_session` / `ort_runner` with all graph optimisations (CPU, or CUDA EP)
+    tensorrt     the same ONNX file built by `export.tensorrt.build_engine`, run by `TensorRTRunner` (CUDA)
+
+The ONNX file and engine live in a temporary folder removed once the session or engine is loaded (pass
+`workdir` to keep them).
 
 `unavailable_reason(name, device)` says why a backend cannot run here (None when it can); the CLI prints
 it and skips the backend.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -70,7 +76,8 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = tor
 def prepare(name: str, net: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, is_ssdd: bool,
             workdir: str | None = None) -> tuple[Callable[..., torch.Tensor], dict]:
     """Build the callable for backend `name`. Returns (run, info); info holds `prepare_s` (export/engine build
-    time; torch.compile compiles lazily, so its cost shows in the first warm-up call) and notes."""
+    time; torch.compile compiles lazily, so its cost shows in the first warm-up call) and notes. ONNX and
+    engine files go to `workdir` if given, else to a temporary folder deleted before returning."""
     check_backend_name(name)
     info: dict = {"notes": []}
     t0 = time.perf_counter()
@@ -85,89 +92,36 @@ def prepare(name: str, net: nn.Module, example_inputs: tuple[torch.Tensor, ...],
     elif name == "cudagraphs":
         with torch.inference_mode():
             run = optimize.cuda_graph(net, example_inputs)
-    else:
-        workdir = workdir or tempfile.mkdtemp(prefix="ssdd-bench-")
+    elif workdir is not None:
         os.makedirs(workdir, exist_ok=True)
-        path = export_onnx(net, example_inputs, os.path.join(workdir, "net.onnx"))
-        info["export_s"] = time.perf_counter() - t0
-        run = _ort_runner(path, example_inputs) if name == "onnxruntime" else _trt_runner(path, example_inputs)
+        run = _onnx_backend(name, net, example_inputs, Path(workdir), is_ssdd, info, t0)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ssdd-bench-") as tmp:
+            run = _onnx_backend(name, net, example_inputs, Path(tmp), is_ssdd, info, t0)
     info["prepare_s"] = time.perf_counter() - t0
     return run, info
 
 
-def export_onnx(net: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str) -> str:
-    """Minimal static-shape export for the benchmark (torch.onnx.export, dynamo=True, opset 18).
-    The project's full exporter (dynamic axes, validation) lives in ssdd_runtime.export."""
-    names = ["x_t", "t", "z"] if len(example_inputs) == 3 else ["z"]
-    with torch.no_grad():
-        program = torch.onnx.export(net, tuple(example_inputs), dynamo=True, opset_version=ONNX_OPSET,
-                                    input_names=names, output_names=["out"], verbose=False)
-    program.save(path)
-    return path
-
-
-def _ort_runner(path: str, example_inputs) -> Callable[..., torch.Tensor]:
-    import numpy as np
-    import onnxruntime as ort
-
-    device = example_inputs[0].device
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = torch.get_num_threads()
-    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(path, so, providers=providers)
-    in_names = [i.name for i in session.get_inputs()]
-    out_name = session.get_outputs()[0].name
-
-    if device.type != "cuda":
-        def run_cpu(*args: torch.Tensor) -> torch.Tensor:
-            feeds = {n: a.contiguous().numpy() for n, a in zip(in_names, args)}
-            return torch.from_numpy(session.run([out_name], feeds)[0])
-
-        return run_cpu
-
-    np_types = {torch.float32: np.float32, torch.float16: np.float16}
-    out_shape = tuple(session.get_outputs()[0].shape)
-
-    def run_cuda(*args: torch.Tensor) -> torch.Tensor:  # device buffers through io_binding: no host copies
-        binding = session.io_binding()
-        args = [a.contiguous() for a in args]
-        for n, a in zip(in_names, args):
-            binding.bind_input(n, "cuda", device.index or 0, np_types[a.dtype], tuple(a.shape), a.data_ptr())
-        out = torch.empty(out_shape, dtype=args[-1].dtype, device=device)
-        binding.bind_output(out_name, "cuda", device.index or 0, np_types[out.dtype], out_shape, out.data_ptr())
-        session.run_with_iobinding(binding)
-        return out
-
-    return run_cuda
-
-
-def _trt_runner(path: str, example_inputs) -> Callable[..., torch.Tensor]:  # unverified: no GPU in CI
-    """Build with the project's engine builder (`ssdd_runtime.export.tensorrt.build_engine`) on a static
-    profile at the example shapes, then run on the current CUDA stream."""
+def _onnx_backend(name, net, example_inputs, folder: Path, is_ssdd: bool, info: dict, t0: float):
+    """Export at the example shapes, then an ORT session or a TensorRT engine; both are loaded in memory, so the
+    files may be deleted afterwards."""
     import onnx
-    import tensorrt as trt
 
-    from ssdd_runtime.export.tensorrt import Profile, build_engine
+    from ssdd_runtime.export import onnx as eo
 
-    names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+    if is_ssdd:  # the deployed attention form; on a copy, so eager backends keep the model's own modules
+        net = eo.export_attention(copy.deepcopy(net))
+    names = ["x_t", "t", "z"] if is_ssdd else ["z"]
+    proto = eo.export_module(net, example_inputs, input_names=names, output_names=["out"], opset=ONNX_OPSET)
+    path = folder / "net.onnx"
+    onnx.save_model(proto, str(path))
+    info["export_s"] = time.perf_counter() - t0
+    device = example_inputs[0].device
+    if name == "onnxruntime":
+        return eo.ort_runner(eo.ort_session(path, threads=torch.get_num_threads(), device=device), device)
+    from ssdd_runtime.export.tensorrt import Profile, TensorRTRunner, build_engine
+
     profile = Profile({n: (tuple(a.shape),) * 3 for n, a in zip(names, example_inputs)})
     precision = "fp16" if any(a.dtype == torch.float16 for a in example_inputs) else "fp32"
-    engine_path = build_engine(path, path + ".plan", precision=precision, profile=profile)
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
-    context = engine.create_execution_context()
-    (output,) = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
-                 if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
-    out_shape = tuple(engine.get_tensor_shape(output))
-    device = example_inputs[0].device
-
-    def run(*args: torch.Tensor) -> torch.Tensor:
-        args = [a.contiguous() for a in args]
-        for n, a in zip(names, args):
-            context.set_tensor_address(n, a.data_ptr())
-        out = torch.empty(out_shape, dtype=args[-1].dtype, device=device)
-        context.set_tensor_address(output, out.data_ptr())
-        context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream)
-        return out
-
-    return run
+    engine = build_engine(path, folder / "net.plan", precision=precision, profile=profile)
+    return TensorRTRunner(engine, device=device)

@@ -5,13 +5,8 @@ taken from the same run, between workloads timed in the same interleaved rounds.
 """
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +15,8 @@ import torch
 from ssdd_runtime import optimize
 from ssdd_runtime.api import as_dtype
 from ssdd_runtime.benchmarks import backends as bk
-from ssdd_runtime.benchmarks.timing import PeakMemory, env_cpu_load, measure_interleaved
+from ssdd_runtime.benchmarks.schema import SCHEMA, write_json  # noqa: F401 (write_json: the CLI's writer)
+from ssdd_runtime.benchmarks.timing import Measurement, PeakMemory, env_cpu_load, environment, measure_interleaved
 from ssdd_runtime.benchmarks.workloads import KL_VAE, WEIGHTS_NOTE, Workload, build_workload, check_model_name
 
 log = logging.getLogger(__name__)
@@ -64,73 +60,9 @@ class Config:
             raise ValueError("need repeats >= 1, warmup >= 0, rotate >= 1")
 
 
-def environment(device: torch.device) -> dict:
-    def version(pkg: str) -> str | None:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": str(device),
-        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu_name": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_start": env_cpu_load(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cuda_driver": _nvidia_driver() if device.type == "cuda" else None,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "triton": version("triton"),
-        "onnxruntime": version("onnxruntime") or version("onnxruntime-gpu"),
-        "onnx": version("onnx"),
-        "tensorrt": version("tensorrt"),
-        "diffusers": version("diffusers"),
-        "ssdd_runtime": version("ssdd-runtime"),
-        "git_commit": _git_commit(),
-    }
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
-    """Run the sweep; returns {"env", "method", "notes", "skipped", "results", "ratios"}."""
+    """Run the sweep; returns a report in the `schema.SCHEMA` form. A model whose optional dependency is missing
+    (the KL-VAE without diffusers) is skipped with the reason, as unavailable backends are."""
     cfg.validate()
     device = torch.device(cfg.device)
     dtype = as_dtype(cfg.dtype)
@@ -141,14 +73,18 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     if device.type == "cpu":
         notes.append("CPU peak memory is the whole process's resident-set peak (all loaded models), not one "
                      "model's share")
-    workdir = tempfile.mkdtemp(prefix="ssdd-bench-")
 
     # (model, steps) pairs: steps only apply to SSDD
     jobs = [(m, s) for m in cfg.models for s in (cfg.steps if m != KL_VAE else [1])]
     workloads: dict[tuple[str, int], Workload] = {}
     for m, s in jobs:
         ck = cfg.kl_vae_checkpoint if m == KL_VAE else cfg.checkpoint
-        w = build_workload(m, steps=s, checkpoint=ck, kl_vae_config=cfg.kl_vae_config)
+        try:
+            w = build_workload(m, steps=s, checkpoint=ck, kl_vae_config=cfg.kl_vae_config)
+        except ImportError as e:  # diffusers absent: the rest of the sweep still runs
+            echo(f"skip model {m}: {e}")
+            skipped.append({"model": m, "reason": f"skipped: {e}"})
+            continue
         w.net = w.net.to(device, dtype)
         if cfg.channels_last:
             w.net = optimize.channels_last(w.net)
@@ -164,15 +100,14 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
             continue
         for (H, W) in cfg.resolutions:
             for batch in cfg.batches:
-                results += _run_group(cfg, backend, batch, H, W, workloads, device, dtype, workdir, echo,
-                                      skipped)
+                results += _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped)
     env["loadavg_end"] = env_cpu_load()
     method = METHOD.format(rotate=cfg.rotate, warmup=cfg.warmup, repeats=cfg.repeats)
-    return {"env": env, "method": method, "notes": notes, "skipped": skipped, "results": results,
-            "ratios": ratios(results)}
+    return {"schema": SCHEMA, "env": env, "method": method, "notes": notes, "skipped": skipped,
+            "results": results, "ratios": ratios(results)}
 
 
-def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, workdir, echo, skipped) -> list[dict]:
+def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped) -> list[dict]:
     """Prepare every workload for (backend, batch, H, W), then time them interleaved."""
     calls, infos, inputs = {}, {}, {}
     for key, w in workloads.items():
@@ -181,8 +116,7 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, workdir, ech
         if cfg.channels_last:
             sets = [(tuple(_cl(a) for a in ins), noise) for ins, noise in sets]
         try:
-            run, info = bk.prepare(backend, w.net, sets[0][0], is_ssdd=w.model != KL_VAE,
-                                   workdir=os.path.join(workdir, f"{backend}-{label}-{batch}-{H}x{W}"))
+            run, info = bk.prepare(backend, w.net, sets[0][0], is_ssdd=w.model != KL_VAE)
         except NotImplementedError as e:  # e.g. a Triton kernel that is not built yet
             echo(f"skip {label} on {backend}: {e}")
             skipped.append({"backend": backend, "model": label, "reason": str(e)})
@@ -208,19 +142,25 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, workdir, ech
         label = _label(m, s)
         if label not in meas:
             continue
-        mm = meas[label]
-        lat = mm.latency_ms()
-        out.append({
-            "model": m, "label": label, "backend": backend, "dtype": cfg.dtype, "device": str(device),
-            "batch": batch, "height": H, "width": W, "steps": s,
-            "memory_format": "channels_last" if cfg.channels_last else "contiguous",
-            "images_per_s": batch / (lat["p50"] / 1000),
-            "latency_ms": lat, "repeats": cfg.repeats, "warmup": cfg.warmup,
-            "warmup_s": mm.warmup_s, "prepare_s": infos[label]["prepare_s"],
-            "peak_memory_mb": mm.peak_memory_mb, "memory_kind": memory[label].kind,
-            "weights": w.weights, "params": w.params, "notes": infos[label]["notes"],
-        })
+        out.append(result_row(m, label, backend, cfg.dtype, device, batch, H, W, s, meas[label],
+                              memory_format="channels_last" if cfg.channels_last else "contiguous",
+                              prepare_s=infos[label]["prepare_s"], memory_kind=memory[label].kind,
+                              weights=w.weights, params=w.params, notes=infos[label]["notes"]))
     return out
+
+
+def result_row(model: str, label: str, backend: str, dtype: str, device, batch: int, height: int, width: int,
+               steps: int, m: Measurement, *, memory_format: str = "contiguous", prepare_s: float | None = None,
+               memory_kind: str = "unavailable", weights: str = "random", params: int | None = None,
+               notes: list[str] | None = None, **extra) -> dict:
+    """One `results` row of the schema from a Measurement (every benchmark builds its rows here)."""
+    lat = m.latency_ms()
+    return {"model": model, "label": label, "backend": backend, "dtype": dtype, "device": str(device),
+            "batch": batch, "height": height, "width": width, "steps": steps, "memory_format": memory_format,
+            "images_per_s": batch / (lat["p50"] / 1000), "latency_ms": lat, "repeats": len(m.times_s),
+            "warmup": len(m.warmup_s), "warmup_s": m.warmup_s, "prepare_s": prepare_s,
+            "peak_memory_mb": m.peak_memory_mb, "memory_kind": memory_kind, "weights": weights, "params": params,
+            "notes": list(notes or []), "times_ms": [t * 1000 for t in m.times_s], **extra}
 
 
 def _decode_call(w: Workload, run, sets) -> Callable[[int], object]:
@@ -253,15 +193,6 @@ def ratios(results: list[dict]) -> list[dict]:
                     "memory_format": r["memory_format"],
                     "ratio_images_per_s": r["images_per_s"] / b["images_per_s"]})
     return out
-
-
-def write_json(report: dict, path: str) -> None:
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
 
 
 CSV_FIELDS = ["model", "label", "backend", "dtype", "device", "batch", "height", "width", "steps", "memory_format",

@@ -1,33 +1,27 @@
-"""Timers, percentiles and peak memory for the benchmark.
+"""The one timer and the one environment record of every benchmark (run.py, gpu_check.py, export/bench_ort.py).
 
 Method (STYLE rule 10): every timed call is bracketed by a device synchronisation (CUDA: events recorded on the
 current stream and waited on); warm-up calls are timed separately and never enter the statistics; workloads
 are interleaved round by round (A B A B ..., the order rotated each round) so that load on a shared machine
 hits every model alike; inputs rotate over several distinct tensors so no cache sees the same data twice
-in a row.
+in a row. Percentiles are numpy's (linear interpolation). Kernel micro-benchmarks on CUDA use
+`triton.testing.do_bench` (median, L2 flushed between calls) through `kernel_ms`; everything else goes through
+`measure_interleaved`.
 """
 from __future__ import annotations
 
-import math
+import datetime
+import importlib.metadata
 import os
+import platform
 import resource
+import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
+import numpy as np
 import torch
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default method); q in [0, 100]."""
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100]; got {q}")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,6 +96,16 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def latency_ms(times_s: list[float]) -> dict[str, float]:
+    """p50/p90/p99 (numpy's linear interpolation), mean, min and max of the timed calls, in milliseconds."""
+    if not times_s:
+        raise ValueError("no timed calls")
+    ms = np.asarray(times_s, dtype=np.float64) * 1000
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()),
+            "min": float(ms.min()), "max": float(ms.max())}
+
+
 @dataclass
 class Measurement:
     warmup_s: list[float] = field(default_factory=list)  # excluded from the statistics
@@ -109,9 +113,7 @@ class Measurement:
     peak_memory_mb: float | None = None
 
     def latency_ms(self) -> dict[str, float]:
-        ms = [t * 1000 for t in self.times_s]
-        return {"p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
-                "mean": sum(ms) / len(ms), "min": min(ms), "max": max(ms)}
+        return latency_ms(self.times_s)
 
 
 def measure_interleaved(calls: dict[str, Callable[[int], object]], *, device: torch.device, warmup: int,
@@ -152,5 +154,75 @@ def measure_interleaved(calls: dict[str, Callable[[int], object]], *, device: to
     return out
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 3) -> float:
+    """Median milliseconds of one kernel call. CUDA: `triton.testing.do_bench` (events, L2 flushed, its own
+    warm-up); elsewhere the median of `repeats` synchronised calls after one warm-up (`measure_interleaved`)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    m = measure_interleaved({"fn": lambda i: fn()}, device=device, warmup=1, repeats=repeats)["fn"]
+    return m.latency_ms()["p50"]
+
+
+# -- the environment record ---------------------------------------------------------------------------------------
+
+
 def env_cpu_load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def package_version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    """Device, library versions and machine state recorded with every benchmark number (STYLE rule 10).
+    Machine facts come from `torch.utils.collect_env` (the record PyTorch's bug template asks for)."""
+    from torch.utils import collect_env
+
+    device = torch.device(device)
+    info = collect_env.get_env_info()
+    cpu_name = next((line.split(":", 1)[1].strip() for line in (info.cpu_info or "").splitlines()
+                     if line.strip().lower().startswith("model name")), None) or platform.processor() or "unknown CPU"
+    cuda = device.type == "cuda"
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name,
+        "cpu_name": cpu_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": env_cpu_load(),
+        "loadavg_end": None,  # set by the benchmark when it ends
+        "python": platform.python_version(),
+        "platform": info.python_platform,
+        "os": info.os,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_driver": info.nvidia_driver_version if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "triton": package_version("triton"),
+        "onnxruntime": package_version("onnxruntime") or package_version("onnxruntime-gpu"),
+        "onnx": package_version("onnx"),
+        "tensorrt": package_version("tensorrt"),
+        "diffusers": package_version("diffusers"),
+        "ssdd_runtime": package_version("ssdd-runtime"),
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,9 +1,10 @@
 """What is timed: one decode of a batch of latents into images, for SSDD and for the KL-VAE baseline.
 
 A workload is a network (`net`, an nn.Module that backends transform, export or compile) plus the fixed
-driver around it (`decode`): SSDD runs its Euler loop (spec 4) around `net(x_t, t*1000, z)`, one network
-evaluation per step, the state in fp32 as in `SSDDModule.sample`; the KL-VAE runs `net(z)` once
-(post_quant_conv + decoder, what `AutoencoderKL.decode` computes without tiling).
+driver around it (`decode`): SSDD's `net` is the `UViTDecoder` itself, driven by the one Euler loop
+(`sampler.euler_sample`, what `SSDDModule.sample` runs), one network evaluation per step; the KL-VAE runs
+`net(z)` once (post_quant_conv + decoder, what `AutoencoderKL.decode` computes without tiling). Which kernels
+the SSDD decoder runs is set by the backend with `optimize.use_kernels`.
 
 Weights: random unless a checkpoint is given. Throughput does not depend on weight values (the same ops run
 on the same shapes; no data-dependent control flow), so random weights give the same images/s.
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ssdd_runtime.model import DECODER_SIZES, UViTDecoder, decoder_config
-from ssdd_runtime.sampler import euler_sample
+from ssdd_runtime.sampler import TIMESCALE, euler_sample, randn, time_grid
 
 # Stable Diffusion's KL-f8 VAE (stabilityai/sd-vae-ft-mse config.json), built in code so no Hub download is
 # needed: diffusers AutoencoderKL(**SD_VAE_CONFIG). Decoder: 4 UpDecoderBlock2D (512, 512, 256, 128 channels,
@@ -54,7 +55,7 @@ def check_model_name(name: str) -> None:
 @dataclass
 class Workload:
     model: str  # "ssdd-M" or "kl-vae"
-    net: nn.Module  # what a backend transforms: SSDD (x_t, t, z) -> v; KL-VAE (z) -> image
+    net: nn.Module  # what a backend transforms: SSDD UViTDecoder (x_t, t, z) -> v; KL-VAE (z) -> image
     steps: int  # network evaluations per decode (1 for the KL-VAE)
     stride: int  # image pixels per latent pixel
     z_dim: int
@@ -68,12 +69,12 @@ class Workload:
             raise ValueError(f"{self.model}: height and width must be multiples of {self.stride}; "
                              f"got {height}x{width}")
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(batch, self.z_dim, height // self.stride, width // self.stride, generator=g)
-        z = z.to(device=device, dtype=dtype)
+        z = randn((batch, self.z_dim, height // self.stride, width // self.stride), generator=g, device=device)
+        z = z.to(dtype)
         if self.model == KL_VAE:
             return (z,), None
-        noise = torch.randn(batch, 3, height, width, generator=g).to(device)  # fp32 Euler state
-        t = torch.full((batch,), 1000.0, device=device)
+        noise = randn((batch, 3, height, width), generator=g, device=device)  # fp32 Euler state
+        t = (time_grid(self.steps)[0] * TIMESCALE).expand(batch).to(device)  # the first step's network time
         return (noise.to(dtype), t, z), noise
 
     def decode(self, net: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
@@ -83,17 +84,6 @@ class Workload:
             return net(*inputs)
         _, _, z = inputs
         return euler_sample(net, z, noise, steps=self.steps)
-
-
-class SSDDNet(nn.Module):
-    """The SSDD decoder network with its one kernel switch fixed (False: PyTorch reference path)."""
-
-    def __init__(self, decoder: UViTDecoder, use_triton: bool | None):
-        super().__init__()
-        self.decoder, self.use_triton = decoder, use_triton
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x, t, z)
 
 
 class KLVAEDecode(nn.Module):
@@ -110,7 +100,7 @@ class KLVAEDecode(nn.Module):
 
 
 def build_workload(model: str, *, steps: int = 1, checkpoint: str | None = None,
-                   kl_vae_config: dict | str | None = None, use_triton: bool | None = False) -> Workload:
+                   kl_vae_config: dict | str | None = None) -> Workload:
     check_model_name(model)
     if model == KL_VAE:
         return _build_kl_vae(checkpoint, kl_vae_config)
@@ -125,7 +115,7 @@ def build_workload(model: str, *, steps: int = 1, checkpoint: str | None = None,
     else:
         torch.manual_seed(0)
         decoder, stride, weights = UViTDecoder(decoder_config(size), stride=8), 8, "random"
-    net = SSDDNet(decoder.float().eval().requires_grad_(False), use_triton)
+    net = decoder.float().eval().requires_grad_(False)
     return Workload(model, net, steps, stride, decoder.cfg.z_dim, weights, _count(net))
 
 
@@ -147,7 +137,8 @@ def _build_kl_vae(checkpoint: str | None, config) -> Workload:
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        raise ImportError("the KL-VAE baseline needs diffusers: pip install 'ssdd-runtime[bench]'") from e
+        raise ImportError("diffusers not installed: the KL-VAE baseline needs it "
+                          "(pip install 'ssdd-runtime[bench]')") from e
     if checkpoint is not None:
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"--kl-vae-checkpoint expects a local diffusers AutoencoderKL folder "

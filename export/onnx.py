@@ -1,15 +1,27 @@
-"""ONNX export of the SSDD decoder (latent -> image, a fixed number of Euler steps) and encoder (image -> moments).
+"""ONNX export of the SSDD decoder (latent -> image, a fixed number of Euler steps) and encoder (image -> moments),
+and the one ONNX export call, ONNX Runtime session and runner the rest of the project uses (the benchmark too).
 
 Graphs (names are the contract with TensorRT profiles and Triton configs):
-    decoder: latent_sample (B, C, h, w), noise (B, 3, h*F, w*F) -> sample (B, 3, h*F, w*F)
-    encoder: image (B, 3, H, W) -> latent_mean (B, C, H/F, W/F), latent_logvar (B, C, H/F, W/F)
-B, h, w (H, W) are dynamic, non-square included. The decoder graph is `SSDDModule.sample(..., use_triton=False)`
-(the PyTorch reference path), unrolled over `steps`, with one explicit transform applied to a copy of the model
-(`prepare_for_export`): each windowed attention is replaced by `ExportWindowAttention`, which computes the same
-softmax(q k^T / sqrt(d) + bias) v in the form TensorRT fuses into one MHA kernel (scale on Q before the first
-MatMul, see the TensorRT guide "Fused Attention") and builds the relative-position bias in the graph for
-whatever token grid arrives, with integer ops TensorRT's parser takes (no integer Clip/Abs, no `%`).
-Everything else (convolutions, norms, FiLM, GEGLU, the Euler loop) runs the model's own modules.
+    decoder, noise="input": latent_sample (B, C, h, w), noise (B, 3, h*F, w*F) -> sample (B, 3, h*F, w*F)
+    decoder, noise="graph": latent_sample -> sample, noise (the noise drawn in the graph by RandomNormalLike with
+                            the export's `seed` attribute; feeding it to the noise="input" graph gives `sample`)
+    encoder, names="ssdd":    image (B, 3, H, W) -> latent_mean, latent_logvar (B, C, H/F, W/F), logvar clamped
+    encoder, names="optimum": sample (B, 3, H, W) -> latent_parameters (B, 2C, H/F, W/F), mean channels first,
+                              unclamped (optimum's VaeEncoderOnnxConfig; diffusers' DiagonalGaussian clamps)
+B, h, w (H, W) are dynamic, non-square included. The decoder graph is `SSDDModule.sample` on the PyTorch
+reference path (`optimize.use_kernels(m, False)`), unrolled over `steps` by `sampler.euler_sample`, with one
+explicit transform applied to a copy of the model (`prepare_for_export`): each windowed attention is replaced
+by `ExportWindowAttention`, which computes the same softmax(q k^T / sqrt(d) + bias) v in the form TensorRT
+fuses into one MHA kernel (scale on Q before the first MatMul, see the TensorRT guide "Fused Attention") and
+builds the relative-position bias in the graph for whatever token grid arrives, with integer ops TensorRT's
+parser takes (no integer Clip/Abs, no `%`). Everything else (convolutions, norms, FiLM, GEGLU) runs the
+model's own modules.
+
+Noise in the graph (servers that send only the 16 KiB latent instead of 768 KiB of noise per 256x256 image):
+ONNX's RandomNormalLike has a float `seed` attribute and no seed input, so the seed is fixed at export. ONNX
+Runtime seeds the op's generator once per session: the first call of a fresh session draws the same noise for
+the same seed and shape; later calls of that session draw new noise (as a torch.Generator would). Clients that
+need a given image again read the `noise` output and send it to a noise="input" graph.
 
 Opset 18..20: torch's dynamo exporter needs >= 18, the TensorRT 10.0 ONNX parser reads <= 20. The operators
 used are checked against `trt10_onnx_ops.txt` after every export. Verified here: ONNX Runtime (CPU) against
@@ -25,8 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssdd_runtime import kernels
+from ssdd_runtime import kernels, optimize
 from ssdd_runtime.model import Attention, SSDDModule
+from ssdd_runtime.sampler import T_POW_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +47,10 @@ DECODER_INPUTS = ("latent_sample", "noise")
 DECODER_OUTPUTS = ("sample",)
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("latent_mean", "latent_logvar")
+OPTIMUM_ENCODER_INPUTS = ("sample",)
+OPTIMUM_ENCODER_OUTPUTS = ("latent_parameters",)
+NOISE_MODES = ("input", "graph")
+NAMINGS = ("ssdd", "optimum")
 OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 18, 20, 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to `<file>.data` (protobuf's hard limit is 2 GiB)
 # Kept in fp32 by the fp16 variant: normalisation statistics and softmax (plus onnxruntime's default list).
@@ -80,23 +97,33 @@ class ExportWindowAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
 
 
+def export_attention(module: nn.Module) -> nn.Module:
+    """Replace every windowed `Attention` under `module` by an `ExportWindowAttention` holding the same weights,
+    in place (the caller passes a copy); returns the module."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, Attention):
+            setattr(module, name, ExportWindowAttention(child))
+        else:
+            export_attention(child)
+    return module
+
+
 def prepare_for_export(model: SSDDModule) -> SSDDModule:
     """A plain fp32 `SSDDModule` copy of `model` (an `SSDD` loses its input validation, which does not trace)
-    whose windowed attentions are `ExportWindowAttention`s holding the same weights."""
+    on the reference path, whose windowed attentions are `ExportWindowAttention`s holding the same weights."""
     if not isinstance(model, SSDDModule):
         raise TypeError(f"model must be an SSDDModule or SSDD, got {type(model).__name__}")
     m = SSDDModule(model.encoder_config, model.decoder_config)
     m.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, strict=True)
     m.eval()
-    for block in m.decoder.mid_block.transformer_blocks:
-        block.attn1 = ExportWindowAttention(block.attn1)
-    return m
+    optimize.use_kernels(m, False)  # traced on any device, the graph is the PyTorch reference
+    return export_attention(m)
 
 
 class DecoderGraph(nn.Module):
     """(latent_sample, noise) -> sample: `steps` unrolled Euler steps of the reference path."""
 
-    def __init__(self, model: SSDDModule, steps: int = 1, t_pow_shift: float = 2.0):
+    def __init__(self, model: SSDDModule, steps: int = 1, t_pow_shift: float = T_POW_SHIFT):
         super().__init__()
         self.model, self.steps, self.t_pow_shift = model, steps, t_pow_shift
 
@@ -105,13 +132,16 @@ class DecoderGraph(nn.Module):
 
 
 class EncoderGraph(nn.Module):
-    """image -> (latent_mean, latent_logvar), logvar clamped to [-30, 20] as in `encode`."""
+    """image -> (latent_mean, latent_logvar), logvar clamped to [-30, 20] as in `encode`; or, with
+    moments=True, the encoder's raw (B, 2C, h, w) moments (optimum's `latent_parameters`)."""
 
-    def __init__(self, model: SSDDModule):
+    def __init__(self, model: SSDDModule, moments: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.moments = model, moments
 
     def forward(self, image):
+        if self.moments:
+            return self.model.encoder(image)
         post = self.model.encode(image)
         return post.mean, post.logvar
 
@@ -120,10 +150,11 @@ class EncoderGraph(nn.Module):
 # Export
 
 
-def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dtype) -> int:
+def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dtype, noise: str = "input",
+                      names: str = "ssdd", seed: int = 0) -> int:
     if part not in ("decoder", "encoder"):
         raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     opset = OPSET_DEFAULT if opset is None else opset
     if not isinstance(opset, int) or not OPSET_MIN <= opset <= OPSET_MAX:
@@ -135,23 +166,45 @@ def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dty
                          "(`ssdd export tensorrt --precision bf16`) instead")
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
+    if noise == "graph" and part != "decoder":
+        raise ValueError("noise='graph' applies to the decoder graph only")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**24:
+        raise ValueError(f"seed must be an integer in [0, 2**24) (ONNX stores it as a float), got {seed!r}")
+    if names not in NAMINGS:
+        raise ValueError(f"names must be one of {', '.join(NAMINGS)}, got {names!r}")
     return opset
 
 
+def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], *, input_names, output_names,
+                  dynamic_shapes=None, opset: int = OPSET_DEFAULT):
+    """The one `torch.onnx.export` call of the project (dynamo exporter): returns the ModelProto, not saved.
+    Used by `export_onnx` (dynamic shapes) and by the benchmark's ONNX backends (static shapes)."""
+    _require("onnx")
+    _require("onnxscript")
+    with torch.no_grad():
+        program = torch.onnx.export(module.eval(), tuple(args), dynamo=True, opset_version=opset,
+                                    input_names=list(input_names), output_names=list(output_names),
+                                    dynamic_shapes=dynamic_shapes, verbose=False)
+    return program.model_proto
+
+
 def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 1, opset: int | None = None,
-                dtype: torch.dtype = torch.float32, t_pow_shift: float = 2.0,
-                external_data: bool | None = None) -> Path:
+                dtype: torch.dtype = torch.float32, t_pow_shift: float = T_POW_SHIFT,
+                external_data: bool | None = None, noise: str = "input", seed: int = 0,
+                names: str = "ssdd") -> Path:
     """Write `part` of `model` to `path` as ONNX and check it; returns the path.
 
     steps: Euler steps unrolled into the decoder graph (1 = single-step decoding). dtype=torch.float16 writes
     the fp16 variant (fp32 inputs/outputs; norm statistics and softmax stay fp32, see FP16_KEEP_FP32_OPS).
-    external_data: None = automatic (weights over ~1.8 GB go to `<path>.data` next to the file).
-    After writing: `onnx.checker` and a check of every operator against the TensorRT 10.0 parser's list
-    (a warning names any outside it).
+    noise: "input" (the caller sends the start noise) or "graph" (drawn in the graph with RandomNormalLike,
+    `seed` as its attribute; the drawn noise is a second output, `noise`). names: "ssdd" or "optimum" (encoder
+    `sample` -> `latent_parameters`; the decoder names are the same in both). external_data: None = automatic
+    (weights over ~1.8 GB go to `<path>.data` next to the file). After writing: `onnx.checker` and a check of
+    every operator against the TensorRT 10.0 parser's list (a warning names any outside it).
     """
-    opset = check_export_args(part, steps, opset, dtype)
-    _require("onnx")
-    _require("onnxscript")
+    opset = check_export_args(part, steps, opset, dtype, noise, names, seed)
     path = Path(path)
     m = prepare_for_export(model)
     F, C = m.stride, m.decoder_config.z_dim
@@ -160,20 +213,23 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     if part == "decoder":
         graph = DecoderGraph(m, steps, t_pow_shift)
         args = (torch.randn(2, C, 4, 6), torch.randn(2, 3, 4 * F, 6 * F))
-        names, outputs = DECODER_INPUTS, DECODER_OUTPUTS
+        inputs, outputs = DECODER_INPUTS, DECODER_OUTPUTS
         dynamic = {"latent_sample": {0: B, 2: h, 3: w}, "noise": {0: B, 2: F * h, 3: F * w}}
     else:
-        graph = EncoderGraph(m)
+        graph = EncoderGraph(m, moments=names == "optimum")
         args = (torch.randn(2, 3, 4 * F, 6 * F),)
-        names, outputs = ENCODER_INPUTS, ENCODER_OUTPUTS
-        dynamic = {"image": {0: B, 2: F * h, 3: F * w}}
-    with torch.no_grad():
-        program = torch.onnx.export(graph.eval(), args, dynamo=True, opset_version=opset, input_names=list(names),
-                                    output_names=list(outputs), dynamic_shapes=dynamic, verbose=False)
-    proto = program.model_proto
+        inputs, outputs = ((OPTIMUM_ENCODER_INPUTS, OPTIMUM_ENCODER_OUTPUTS) if names == "optimum"
+                           else (ENCODER_INPUTS, ENCODER_OUTPUTS))
+        dynamic = {"image": {0: B, 2: F * h, 3: F * w}}  # keyed by forward's argument; input_names renames
+    proto = export_module(graph, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
+                          opset=opset)
+    if noise == "graph":
+        _draw_noise_in_graph(proto, stride=F, seed=seed)
     meta = {"ssdd.part": part, "ssdd.encoder": m.encoder_config.name, "ssdd.decoder": m.decoder_config.size,
             "ssdd.stride": str(F), "ssdd.z_dim": str(C), "ssdd.steps": str(steps) if part == "decoder" else "",
             "ssdd.t_pow_shift": str(t_pow_shift) if part == "decoder" else "",
+            "ssdd.noise": noise if part == "decoder" else "",
+            "ssdd.noise_seed": str(seed) if noise == "graph" else "", "ssdd.names": names,
             "ssdd.dtype": "float16" if dtype == torch.float16 else "float32"}
     for key, value in meta.items():
         if value:
@@ -183,8 +239,67 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
         proto = _to_fp16(proto, large=n_bytes > EXTERNAL_DATA_BYTES)
         n_bytes //= 2
     _save(proto, path, n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data)
-    log.info("exported %s (%s, opset %d, %s) to %s", part, meta["ssdd.decoder"], opset, meta["ssdd.dtype"], path)
+    log.info("exported %s (%s, opset %d, %s, noise %s) to %s", part, meta["ssdd.decoder"], opset,
+             meta["ssdd.dtype"], noise, path)
     return path
+
+
+def _draw_noise_in_graph(proto, *, stride: int, seed: int) -> None:
+    """Turn the graph input `noise` into a tensor drawn in the graph, in place:
+    Shape(latent_sample) * [1, 0, F, F] + [0, 3, 0, 0] -> ConstantOfShape(0.0) -> RandomNormalLike(seed), and
+    expose it as the second output `noise`. Edited after export (onnx.helper) because torch has no traceable
+    op that lowers to RandomNormalLike with a seed attribute."""
+    onnx = _require("onnx")
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    (noise_in,) = [v for v in graph.input if v.name == "noise"]
+    latent = next(v for v in graph.input if v.name == "latent_sample")
+    graph.input.remove(noise_in)
+    graph.initializer.extend([
+        helper.make_tensor("ssdd_noise_scale", TensorProto.INT64, [4], [1, 0, stride, stride]),
+        helper.make_tensor("ssdd_noise_offset", TensorProto.INT64, [4], [0, 3, 0, 0]),
+    ])
+    nodes = [
+        helper.make_node("Shape", [latent.name], ["ssdd_latent_shape"], name="ssdd_noise_shape_of_latent"),
+        helper.make_node("Mul", ["ssdd_latent_shape", "ssdd_noise_scale"], ["ssdd_noise_shape_scaled"],
+                         name="ssdd_noise_shape_mul"),
+        helper.make_node("Add", ["ssdd_noise_shape_scaled", "ssdd_noise_offset"], ["ssdd_noise_shape"],
+                         name="ssdd_noise_shape_add"),
+        helper.make_node("ConstantOfShape", ["ssdd_noise_shape"], ["ssdd_noise_zeros"], name="ssdd_noise_zeros",
+                         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("RandomNormalLike", ["ssdd_noise_zeros"], ["noise"], name="ssdd_noise_draw",
+                         dtype=TensorProto.FLOAT, mean=0.0, scale=1.0, seed=float(seed)),
+    ]
+    for i, node in enumerate(nodes):  # first in the graph: nodes stay topologically sorted
+        graph.node.insert(i, node)
+    graph.output.append(onnx.ValueInfoProto())
+    graph.output[-1].CopyFrom(noise_in)
+
+
+def convert_to_graph_noise(src, dst, *, seed: int = 0, external_data: bool | None = None) -> Path:
+    """Write the noise="graph" variant of the noise-input decoder graph `src` to `dst` (what
+    export_onnx(noise="graph", seed=seed) writes, without re-exporting)."""
+    onnx = _require("onnx")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {src}")
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("ssdd.part") != "decoder" or meta.get("ssdd.noise", "input") != "input":
+        raise ValueError(f"{src} is not a noise-input decoder graph written by export_onnx (metadata "
+                         f"ssdd.part={meta.get('ssdd.part')!r}, ssdd.noise={meta.get('ssdd.noise')!r})")
+    check_export_args("decoder", 1, None, torch.float32, "graph", meta.get("ssdd.names", "ssdd"), seed)
+    _draw_noise_in_graph(proto, stride=int(meta["ssdd.stride"]), seed=seed)
+    for key, value in (("ssdd.noise", "graph"), ("ssdd.noise_seed", str(seed))):
+        props = [p for p in proto.metadata_props if p.key == key]
+        if props:
+            props[0].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
+    n_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    _save(proto, dst, n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data)
+    return dst
 
 
 def convert_to_fp16(src, dst, *, external_data: bool | None = None) -> Path:
@@ -205,25 +320,6 @@ def convert_to_fp16(src, dst, *, external_data: bool | None = None) -> Path:
     return dst
 
 
-def _toposort(graph) -> None:
-    """Reorder graph.node topologically in place (the fp16 converter appends its input Casts at the end)."""
-    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ValueError(f"graph has a cycle or a dangling input near node {rest[0].name!r}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
 def _save(proto, path: Path, external: bool) -> None:
     """Save (weights in `<name>.data` next to it when external), run onnx.checker, check the TensorRT op list."""
     onnx = _require("onnx")
@@ -241,8 +337,11 @@ def _save(proto, path: Path, external: bool) -> None:
 
 def _to_fp16(proto, *, large: bool):
     """fp16 weights and activations with fp32 inputs/outputs; FP16_KEEP_FP32_OPS run in fp32 behind Casts.
-    Constants are clipped to the fp16 range (the -1e7 window mask becomes -65504: still exp() = 0)."""
+    Constants are clipped to the fp16 range (the -1e7 window mask becomes -65504: still exp() = 0).
+    The converter appends its input Casts at the end of the node list: onnxruntime's `OnnxModel` re-sorts."""
     float16 = _require("onnxruntime.transformers.float16")
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
     if large:  # protobuf cannot serialise > 2 GiB for onnx's in-memory shape inference: infer through files
         import tempfile
 
@@ -254,10 +353,9 @@ def _to_fp16(proto, *, large: bool):
             proto = onnx.load(str(dst))
     proto = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=large,
                                              op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP16_KEEP_FP32_OPS))
-    _toposort(proto.graph)
+    OnnxModel.graph_topological_sort(proto.graph, is_deterministic=True)
     del proto.graph.value_info[:]  # the converter leaves some stale (fp32 entries for tensors now fp16)
     return proto
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Inspection and checks
@@ -310,8 +408,9 @@ def unsupported_trt_ops(path) -> list[str]:
     return bad
 
 
-def ort_session(path, *, threads: int | None = None, optimization: str = "all"):
-    """An onnxruntime CPU InferenceSession. optimization: 'disable', 'basic', 'extended' or 'all'."""
+def ort_session(path, *, threads: int | None = None, optimization: str = "all", device="cpu"):
+    """The project's one onnxruntime InferenceSession builder. optimization: 'disable', 'basic', 'extended' or
+    'all'; device "cpu" (CPUExecutionProvider) or "cuda[:i]" (CUDAExecutionProvider on that device)."""
     ort = _require("onnxruntime")
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -319,11 +418,55 @@ def ort_session(path, *, threads: int | None = None, optimization: str = "all"):
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     if optimization not in levels:
         raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    device = torch.device(device)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = levels[optimization]
     if threads is not None:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+    elif device.type == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def ort_runner(session, device="cpu"):
+    """`run(*tensors) -> first output` over a session, inputs in the graph's order. CPU: numpy feeds; CUDA:
+    device buffers bound with io_binding (no host copies), the output allocated by torch in the last input's
+    dtype at the graph's static output shape."""
+    device = torch.device(device)
+    in_names = [i.name for i in session.get_inputs()]
+    out = session.get_outputs()[0]
+    if device.type != "cuda":
+        def run_cpu(*args: torch.Tensor) -> torch.Tensor:
+            feeds = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(in_names, args)}
+            return torch.from_numpy(session.run([out.name], feeds)[0])
+
+        return run_cpu
+
+    import numpy as np
+
+    np_types = {torch.float32: np.float32, torch.float16: np.float16}
+    if not all(isinstance(d, int) for d in out.shape):
+        raise ValueError(f"ort_runner on CUDA needs a static output shape, the graph has {out.shape}")
+    out_shape = tuple(out.shape)
+
+    def run_cuda(*args: torch.Tensor) -> torch.Tensor:
+        binding = session.io_binding()
+        args = [a.contiguous() for a in args]
+        for n, a in zip(in_names, args):
+            binding.bind_input(n, "cuda", device.index or 0, np_types[a.dtype], tuple(a.shape), a.data_ptr())
+        result = torch.empty(out_shape, dtype=args[-1].dtype, device=device)
+        binding.bind_output(out.name, "cuda", device.index or 0, np_types[result.dtype], out_shape,
+                            result.data_ptr())
+        session.run_with_iobinding(binding)
+        return result
+
+    return run_cuda
 
 
 def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch: int = 1, seed: int = 0,
@@ -331,7 +474,8 @@ def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch
     """Compare ONNX Runtime (CPU) with PyTorch fp32 (reference path) at each latent size (h, w).
 
     Returns [{"shape": ..., "max_abs": ..., "outputs": [...]}]; the shape is the decoder's latent or the
-    encoder's image. Uses the graph's `ssdd.*` metadata for the part, steps and t_pow_shift.
+    encoder's image. Uses the graph's `ssdd.*` metadata for the part, steps, t_pow_shift, noise and names.
+    A noise="graph" decoder is compared with PyTorch decoding the noise the graph drew (its `noise` output).
     """
     meta = read_metadata(path)
     part = meta.get("ssdd.part")
@@ -340,6 +484,8 @@ def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch
     session = ort_session(path, threads=threads)
     ref = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
     F, C = ref.stride, ref.decoder_config.z_dim
+    graph_noise = meta.get("ssdd.noise") == "graph"
+    optimum = meta.get("ssdd.names") == "optimum"
     g = torch.Generator().manual_seed(seed)
     rows = []
     for h, w in latent_sizes:
@@ -347,17 +493,23 @@ def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch
             if part == "decoder":
                 z = torch.randn(batch, C, h, w, generator=g)
                 noise = torch.randn(batch, 3, h * F, w * F, generator=g)
+                feeds = {"latent_sample": z.numpy()} if graph_noise else {"latent_sample": z.numpy(),
+                                                                          "noise": noise.numpy()}
+                got = session.run(None, feeds)
+                if graph_noise:
+                    noise = torch.from_numpy(got[1])
                 want = [ref.sample(z, noise, steps=int(meta["ssdd.steps"]),
                                    t_pow_shift=float(meta["ssdd.t_pow_shift"]))]
-                feeds = {"latent_sample": z.numpy(), "noise": noise.numpy()}
                 shape = tuple(z.shape)
             else:
                 x = torch.rand(batch, 3, h * F, w * F, generator=g) * 2 - 1
-                post = ref.encode(x)
-                want = [post.mean, post.logvar]
-                feeds = {"image": x.numpy()}
+                if optimum:
+                    want = [ref.encoder(x)]
+                else:
+                    post = ref.encode(x)
+                    want = [post.mean, post.logvar]
+                got = session.run(None, {(OPTIMUM_ENCODER_INPUTS if optimum else ENCODER_INPUTS)[0]: x.numpy()})
                 shape = tuple(x.shape)
-        got = session.run(None, feeds)
         errs = [float((torch.from_numpy(o) - t).abs().max()) for o, t in zip(got, want)]
         rows.append({"shape": shape, "max_abs": max(errs), "outputs": errs})
     return rows

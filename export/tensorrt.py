@@ -1,5 +1,6 @@
 """TensorRT engines from the exported ONNX graphs: optimisation profiles, the equivalent `trtexec` command, an
-engine builder on the TensorRT 10 Python API, and `TensorRTDecoder`, which runs a decoder engine behind
+engine builder on the TensorRT 10 Python API, `TensorRTRunner` (the project's one way to run an engine: the
+benchmark's tensorrt backend uses it too), and `TensorRTDecoder`, which runs a decoder engine behind
 `SSDD.decode`'s signature.
 
 Status: written against the documented TensorRT 10 API (`trt.Builder`, `create_network(0)`, `OnnxParser`,
@@ -11,7 +12,8 @@ profile computation and checks, the trtexec command line, and the errors raised 
 (tests/test_export_tensorrt.py).
 
 Shapes: profiles are given as image sizes `BxHxW` (pixels) and turned into one (min, opt, max) per graph input:
-decoder latent_sample (B, C, H/F, W/F) and noise (B, 3, H, W); encoder image (B, 3, H, W). The trtexec form
+decoder latent_sample (B, C, H/F, W/F) and noise (B, 3, H, W) (no noise input for a graph exported with
+noise="graph"); encoder image (B, 3, H, W) (`sample` in optimum's names). The trtexec form
 `name:BxCxHxW,name:...` is accepted too.
 """
 from __future__ import annotations
@@ -100,17 +102,23 @@ def _parse_spec(text: str, inputs: dict[str, Shape], part: str, stride: int, z_d
     B, H, W = dims
     if H % stride or W % stride:
         raise ValueError(f"image size {H}x{W} must be a multiple of the encoder stride {stride} in both directions")
-    if part == "decoder":
-        return {"latent_sample": (B, z_dim, H // stride, W // stride), "noise": (B, 3, H, W)}
-    return {"image": (B, 3, H, W)}
+    full = {"latent_sample": (B, z_dim, H // stride, W // stride), "noise": (B, 3, H, W), "image": (B, 3, H, W),
+            "sample": (B, 3, H, W)}
+    return {name: full[name] for name in inputs}
 
 
 def make_profile(min_shape: str, opt_shape: str, max_shape: str, *, part: str = "decoder", stride: int = 8,
-                 z_dim: int = 4) -> Profile:
-    """Profile for the decoder or encoder graph from three shape specs (image sizes 'BxHxW' or trtexec form)."""
+                 z_dim: int = 4, inputs: tuple[str, ...] | None = None) -> Profile:
+    """Profile for the decoder or encoder graph from three shape specs (image sizes 'BxHxW' or trtexec form).
+    inputs: the graph's input names (default: latent_sample + noise for the decoder, image for the encoder)."""
     if part not in ("decoder", "encoder"):
         raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
-    inputs = {"latent_sample": (), "noise": ()} if part == "decoder" else {"image": ()}
+    if inputs is None:
+        inputs = ("latent_sample", "noise") if part == "decoder" else ("image",)
+    known = ("latent_sample", "noise") if part == "decoder" else ("image", "sample")
+    if not inputs or any(n not in known for n in inputs):
+        raise ValueError(f"{part} graph inputs must be among {', '.join(known)}, got {list(inputs)}")
+    inputs = dict.fromkeys(inputs, ())
     specs = [_parse_spec(s, inputs, part, stride, z_dim) for s in (min_shape, opt_shape, max_shape)]
     shapes = {}
     for name in inputs:
@@ -120,7 +128,7 @@ def make_profile(min_shape: str, opt_shape: str, max_shape: str, *, part: str = 
         if any(not a <= b <= c for a, b, c in zip(lo, opt, hi)):
             raise ValueError(f"{name}: need min <= opt <= max in every dimension, got {lo}, {opt}, {hi}")
         shapes[name] = (lo, opt, hi)
-    if part == "decoder":  # both inputs must describe the same images
+    if part == "decoder" and "noise" in shapes:  # both inputs must describe the same images
         (lz, oz, hz), (ln, on, hn) = shapes["latent_sample"], shapes["noise"]
         for z, n in ((lz, ln), (oz, on), (hz, hn)):
             if z[0] != n[0] or z[2] * stride != n[2] or z[3] * stride != n[3]:
@@ -137,8 +145,12 @@ def profile_for_onnx(onnx_path, min_shape: str, opt_shape: str, max_shape: str) 
     if "ssdd.part" not in meta:
         raise ValueError(f"{onnx_path} has no ssdd.* metadata: export it with `ssdd export onnx` "
                          "(or pass per-input shapes name:BxCxHxW)")
+    if meta["ssdd.part"] == "decoder":
+        inputs = ("latent_sample",) if meta.get("ssdd.noise") == "graph" else ("latent_sample", "noise")
+    else:
+        inputs = ("sample",) if meta.get("ssdd.names") == "optimum" else ("image",)
     return make_profile(min_shape, opt_shape, max_shape, part=meta["ssdd.part"], stride=int(meta["ssdd.stride"]),
-                        z_dim=int(meta["ssdd.z_dim"]))
+                        z_dim=int(meta["ssdd.z_dim"]), inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,13 +262,69 @@ def format_command(cmd: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running a decoder engine
+# Running engines
+
+
+class TensorRTRunner:
+    """One deserialized engine and execution context: `runner(*tensors)` (or `runner.run({name: tensor})`) sets
+    the input shapes and addresses, allocates the outputs at the shapes TensorRT infers, and executes on the
+    current CUDA stream; returns the outputs in engine order (one tensor when there is one). UNVERIFIED (no
+    GPU/TensorRT where written)."""
+
+    def __init__(self, engine_path, *, device: str | torch.device = "cuda"):
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise FileNotFoundError(f"TensorRT engine not found: {engine_path}")
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"TensorRT engines run on a CUDA device; got {self.device} "
+                             f"(CUDA available: {torch.cuda.is_available()})")
+        trt = _require_tensorrt()
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another TensorRT version "
+                               "or for another GPU?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = self.engine.get_tensor_mode
+        self.inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def __call__(self, *args: torch.Tensor):
+        if len(args) != len(self.inputs):
+            raise ValueError(f"the engine takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(args)}")
+        outs = self.run(dict(zip(self.inputs, args)))
+        return outs[0] if len(outs) == 1 else outs
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        trt = self._trt
+        keep = []
+        for name in self.inputs:
+            t = feeds[name].to(self.device).contiguous()
+            keep.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = []
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = {trt.float32: torch.float32, trt.float16: torch.float16,
+                     trt.bfloat16: torch.bfloat16}[self.engine.get_tensor_dtype(name)]
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        return outs
 
 
 class TensorRTDecoder:
     """A decoder engine behind `SSDD.decode`'s signature: decode(z, *, steps, noise, generator, t_pow_shift,
-    batch_size) -> fp32 (B, 3, h*F, w*F) on the GPU. The number of steps is fixed by the exported graph.
-    UNVERIFIED (no GPU/TensorRT where written)."""
+    batch_size) -> fp32 (B, 3, h*F, w*F) on the GPU. The number of steps is fixed by the exported graph; an
+    engine built from a noise="graph" export draws its own noise (then `noise`/`generator` must be None).
+    Inputs are validated as `SSDD.decode` validates them. UNVERIFIED (no GPU/TensorRT where written)."""
 
     def __init__(self, engine_path, *, device: str | torch.device = "cuda"):
         engine_path = Path(engine_path)
@@ -272,55 +340,50 @@ class TensorRTDecoder:
             raise ValueError(f"{engine_path} was built from a {meta.get('ssdd.part')!r} graph, not a decoder")
         self.stride, self.z_dim = int(meta["ssdd.stride"]), int(meta["ssdd.z_dim"])
         self.steps, self.t_pow_shift = int(meta["ssdd.steps"]), float(meta["ssdd.t_pow_shift"])
+        self.graph_noise = meta.get("ssdd.noise") == "graph"
         self.profile = Profile({k: tuple(tuple(s) for s in v) for k, v in info["profile"].items()})
-        self.device = torch.device(device)
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(f"TensorRTDecoder runs on a CUDA device; got {self.device} "
-                             f"(CUDA available: {torch.cuda.is_available()})")
-        trt = _require_tensorrt()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another TensorRT version "
-                               "or for another GPU?)")
-        self.context = self.engine.create_execution_context()
+        self.runner = TensorRTRunner(engine_path, device=device)
+        self.device = self.runner.device
 
     def decode(self, z: torch.Tensor, *, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float | None = None,
                batch_size: int | None = None) -> torch.Tensor:
+        from ssdd_runtime.api import _check_finite, _check_tensor
         from ssdd_runtime.sampler import randn
 
         if steps is not None and steps != self.steps:
             raise ValueError(f"this engine decodes with {self.steps} step(s) (fixed at export); got steps={steps}")
         if t_pow_shift is not None and float(t_pow_shift) != self.t_pow_shift:
             raise ValueError(f"this engine uses t_pow_shift={self.t_pow_shift} (fixed at export); got {t_pow_shift}")
-        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.z_dim:
-            raise ValueError(f"latent must be a (B, {self.z_dim}, h, w) tensor, got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        _check_tensor("latent", z, rank=4)
+        if z.shape[1] != self.z_dim:
+            raise ValueError(f"latent must have {self.z_dim} channels (B, {self.z_dim}, h, w), got shape "
+                             f"{tuple(z.shape)}")
+        _check_finite("latent", z)
         B, _, h, w = z.shape
         shape = (B, 3, h * self.stride, w * self.stride)
-        if noise is None:
+        if self.graph_noise:
+            if noise is not None or generator is not None:
+                raise ValueError("this engine draws its noise in the graph (exported with noise='graph'): "
+                                 "pass neither noise nor generator")
+        elif noise is None:
             noise = randn(shape, generator=generator, device=self.device)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
-                             f"got {tuple(noise.shape)}")
+        else:
+            _check_tensor("noise", noise)
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
+                                 f"got {tuple(noise.shape)}")
+            _check_finite("noise", noise)
         max_batch = self.profile.shapes["latent_sample"][2][0]
         step = min(batch_size or max_batch, max_batch)
-        out = [self._run(z[i:i + step], noise[i:i + step]) for i in range(0, B, step)]
+        out = [self._run(z[i:i + step], None if noise is None else noise[i:i + step]) for i in range(0, B, step)]
         return torch.cat(out)
 
-    def _run(self, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.device, torch.float32).contiguous()
-        noise = noise.to(self.device, torch.float32).contiguous()
-        self.profile.check("latent_sample", z.shape)
-        self.profile.check("noise", noise.shape)
-        out = torch.empty(noise.shape, dtype=torch.float32, device=self.device)
-        self.context.set_input_shape("latent_sample", tuple(z.shape))
-        self.context.set_input_shape("noise", tuple(noise.shape))
-        for name, t in (("latent_sample", z), ("noise", noise), ("sample", out)):
-            self.context.set_tensor_address(name, t.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        return out
+    def _run(self, z: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        feeds = {"latent_sample": z.to(self.device, torch.float32)}
+        if noise is not None:
+            feeds["noise"] = noise.to(self.device, torch.float32)
+        for name, t in feeds.items():
+            self.profile.check(name, t.shape)
+        outs = self.runner.run(feeds)  # a noise="graph" engine also returns the noise it drew
+        return outs[self.runner.outputs.index("sample")]

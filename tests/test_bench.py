@@ -1,11 +1,17 @@
-"""Benchmark CLI: output schema, timing method (warm-up excluded, interleaving, percentiles), CLI errors,
-skipped backends, the decode driver against SSDDModule.sample, the ONNX Runtime backend against eager, and
-the README table generator. No timed assertions on real models."""
+"""Benchmark CLI: output schema (and every committed result file), timing method (warm-up excluded,
+interleaving, percentiles), the environment record, CLI errors, skipped backends and models, the decode driver
+against SSDDModule.sample, the ONNX Runtime backend against eager (and its temp folder), and the README table
+generator. No timed assertions on real models."""
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +20,9 @@ import torch
 from ssdd_runtime import optimize
 from ssdd_runtime.benchmarks import backends as bk
 from ssdd_runtime.benchmarks import report as rp
-from ssdd_runtime.benchmarks.timing import measure_interleaved, percentile
-from ssdd_runtime.benchmarks.workloads import SD_VAE_CONFIG, SSDDNet, Workload, build_workload
+from ssdd_runtime.benchmarks import schema
+from ssdd_runtime.benchmarks.timing import environment, latency_ms, measure_interleaved
+from ssdd_runtime.benchmarks.workloads import SD_VAE_CONFIG, Workload, build_workload
 from ssdd_runtime.cli import main
 
 TINY_VAE = {"block_out_channels": [32, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
@@ -36,17 +43,22 @@ def one_thread():
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10])
-@pytest.mark.parametrize("q", [0, 50, 90, 99, 100])
-def test_percentile_matches_numpy(n, q):
+def test_latency_stats_are_numpy_percentiles_in_ms(n):
     xs = [float(v) for v in np.random.default_rng(n).permutation(np.arange(1, n + 1) ** 2)]
-    assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    lat = latency_ms(xs)
+    ms = np.asarray(xs) * 1000
+    assert lat["p50"] == pytest.approx(np.median(ms)) and lat["p99"] == pytest.approx(np.percentile(ms, 99))
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    with pytest.raises(ValueError, match="no timed calls"):
+        latency_ms([])
 
 
-def test_percentile_rejects_empty_and_bad_q():
-    with pytest.raises(ValueError):
-        percentile([], 50)
-    with pytest.raises(ValueError):
-        percentile([1.0], 101)
+def test_environment_record():
+    env = environment("cpu")
+    assert set(schema.ENV) <= set(env)
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["cpu_count"] >= 1
+    assert schema.problems({"schema": schema.SCHEMA, "env": {**env, "loadavg_end": None}, "method": "m",
+                            "notes": [], "skipped": [], "results": [], "ratios": []}) == []
 
 
 def test_warmup_is_excluded_and_calls_interleave():
@@ -82,7 +94,7 @@ def test_ssdd_decode_driver_equals_model_sample():
 
     torch.manual_seed(0)
     model = SSDDModule("f8c4", "XS").eval()
-    w = Workload("ssdd-XS", SSDDNet(model.decoder, False), 2, 8, 4, "random", 0)
+    w = Workload("ssdd-XS", optimize.use_kernels(model.decoder, False), 2, 8, 4, "random", 0)
     ins, noise = w.example_inputs(1, 64, 64, torch.float32, CPU, seed=3)
     with torch.inference_mode():
         ours = w.decode(w.net, ins, noise)
@@ -131,9 +143,35 @@ def test_onnxruntime_backend_matches_eager(tmp_path, one_thread):
     w = build_workload("kl-vae", kl_vae_config=TINY_VAE)
     ins, _ = w.example_inputs(2, 32, 48, torch.float32, CPU)
     run, info = bk.prepare("onnxruntime", w.net, ins, is_ssdd=False, workdir=str(tmp_path))
-    assert info["prepare_s"] > 0
+    assert info["prepare_s"] > 0 and (tmp_path / "net.onnx").is_file()
     with torch.inference_mode():
         torch.testing.assert_close(run(*ins), w.net(*ins), rtol=1e-4, atol=1e-4)
+
+
+def test_onnxruntime_backend_ssdd_leaves_no_temp_dir(tmp_path, monkeypatch, one_thread):
+    """Without a workdir the ONNX file lives in a temporary folder removed once the session is loaded; the SSDD
+    network is exported in its deployed attention form and still decodes what the eager decoder decodes."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    w = build_workload("ssdd-XS")
+    ins, noise = w.example_inputs(1, 64, 96, torch.float32, CPU)
+    run, _ = bk.prepare("onnxruntime", w.net, ins, is_ssdd=True)
+    assert list(tmp_path.iterdir()) == []
+    with torch.inference_mode():
+        torch.testing.assert_close(w.decode(run, ins, noise), w.decode(w.net, ins, noise), rtol=1e-4, atol=1e-4)
+
+
+def test_missing_diffusers_skips_the_kl_vae(monkeypatch, one_thread):
+    from ssdd_runtime.benchmarks.run import Config, run_benchmark
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if not installed
+    rep = run_benchmark(Config(models=["ssdd-XS", "kl-vae"], backends=["eager"], batches=[1],
+                               resolutions=[(64, 64)], warmup=0, repeats=1, rotate=1), echo=lambda s: None)
+    assert [r["model"] for r in rep["results"]] == ["ssdd-XS"] and rep["ratios"] == []
+    assert rep["skipped"] == [{"model": "kl-vae", "reason": rep["skipped"][0]["reason"]}]
+    assert rep["skipped"][0]["reason"].startswith("skipped: diffusers not installed")
+    schema.check(rep)
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
@@ -178,6 +216,7 @@ def test_cli_json_csv_plot_schema(tmp_path, capsys, one_thread):
     printed = capsys.readouterr().out
     assert rc == 0
     rep = json.loads(out_json.read_text())
+    assert schema.problems(rep) == []
     assert set(rep) >= {"env", "results", "ratios", "method", "notes", "skipped"}
     for k in REQUIRED_ENV:
         assert k in rep["env"], k
@@ -222,9 +261,61 @@ def test_report_check_detects_stale_readme(tmp_path):
 
 
 def test_profile_breakdown_groups_all_time():
-    from ssdd_runtime.benchmarks.profile import breakdown
+    from ssdd_runtime.benchmarks.op_profile import breakdown
 
     b = breakdown("ssdd-XS", 32)
     assert set(b) == {"convolution", "matmul + attention", "other", "total"}
     assert b["convolution"] > 0 and b["matmul + attention"] > 0
     assert abs(sum(v for k, v in b.items() if k != "total") - b["total"]) < 1e-9
+
+
+# -- committed results ------------------------------------------------------------------------------------------
+
+RESULTS = sorted(glob.glob(os.path.join(rp.RESULTS_DIR, "*.json")))
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_results_folder_is_not_empty():
+    assert len(RESULTS) >= 5, RESULTS
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=os.path.basename)
+def test_committed_result_follows_the_schema(path):
+    with open(path, encoding="utf-8") as f:
+        assert schema.problems(json.load(f)) == [], path
+
+
+def test_schema_names_what_is_wrong():
+    with open(RESULTS[0], encoding="utf-8") as f:
+        rep = json.load(f)
+    del rep["results"][0]["latency_ms"]["p90"]
+    rep["results"][-1]["images_per_s"] *= 2
+    rep["env"].pop("torch")
+    bad = schema.problems(rep)
+    assert "env.torch missing" in bad and "results[0].latency_ms.p90 missing or not a number" in bad
+    assert f"results[{len(rep['results']) - 1}].images_per_s != batch / p50" in bad
+    with pytest.raises(ValueError, match="does not follow ssdd-bench/1"):
+        schema.check(rep)
+    assert schema.problems({"schema": "old"})[0] == "report.env missing"
+
+
+def test_readme_table_is_generated_from_every_committed_result():
+    assert rp.main(["--readme", str(README), "--check"]) == 0
+    text = README.read_text(encoding="utf-8")
+    for path in RESULTS:
+        assert f"`{os.path.basename(path)}`" in text, path
+
+
+def test_report_rejects_an_off_schema_file(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "old.json").write_text(json.dumps({"benchmark": "x", "seconds": {}}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"## Benchmarks\n{rp.BEGIN}\n{rp.END}\n")
+    assert rp.main(["--readme", str(readme), "--results", str(tmp_path / "results"), "--check"]) == 1
+    assert "old.json does not follow ssdd-bench/1" in capsys.readouterr().err
+
+
+def test_write_json_is_atomic_and_checked(tmp_path):
+    with pytest.raises(ValueError, match="does not follow"):
+        schema.write_json({"env": {}}, tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,9 @@
 """ONNX export: ONNX Runtime (CPU) against the golden tensors and PyTorch fp32, dynamic/non-square shapes, the
-TensorRT 10.0 operator list, the attention pattern, the fp16 variant, errors, and the Triton repository.
+TensorRT 10.0 operator list, the attention pattern, the fp16 variant, noise drawn in the graph, optimum's encoder
+names, errors, and the Triton repository.
 
-One decoder and one encoder export (SSDD-S, golden test weights) are shared by the module (~2 min here).
+One decoder and two encoder exports (SSDD-S, golden test weights) are shared by the module (~3 min here); the
+noise-in-graph decoder is derived from the decoder export by the same graph edit export_onnx(noise="graph") runs.
 """
 from __future__ import annotations
 
@@ -66,6 +68,18 @@ def encoder_onnx(api_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def decoder_session(decoder_onnx):
     return eo.ort_session(decoder_onnx)
+
+
+@pytest.fixture(scope="module")
+def graph_noise_onnx(decoder_onnx, tmp_path_factory):
+    return eo.convert_to_graph_noise(decoder_onnx, tmp_path_factory.mktemp("onnx") / "decoder_graph_noise.onnx",
+                                     seed=7)
+
+
+@pytest.fixture(scope="module")
+def optimum_encoder_onnx(api_model, tmp_path_factory):
+    return eo.export_onnx(api_model, tmp_path_factory.mktemp("onnx") / "vae_encoder.onnx", part="encoder",
+                          names="optimum")
 
 
 # --- numerics -------------------------------------------------------------------------------------------------
@@ -165,6 +179,77 @@ def test_attention_scales_q_before_first_matmul(decoder_onnx):
         assert abs(float(scale[0]) - (cfg.mid_dim // cfg.num_heads) ** -0.5) < 1e-6
 
 
+# --- noise drawn in the graph, optimum names ------------------------------------------------------------------
+
+
+def test_graph_noise_io_and_ops(graph_noise_onnx):
+    io = eo.graph_io(graph_noise_onnx)
+    assert [r[0] for r in io["inputs"]] == ["latent_sample"]
+    assert [r[0] for r in io["outputs"]] == ["sample", "noise"]
+    assert io["outputs"][0][2] == io["outputs"][1][2]  # noise has the image's (dynamic) shape
+    meta = eo.read_metadata(graph_noise_onnx)
+    assert meta["ssdd.noise"] == "graph" and meta["ssdd.noise_seed"] == "7"
+    assert "RandomNormalLike" in eo.onnx_ops(graph_noise_onnx) and eo.unsupported_trt_ops(graph_noise_onnx) == []
+
+
+def test_graph_noise_same_seed_same_image(graph_noise_onnx, decoder_onnx, tmp_path):
+    """Two fresh sessions of the same graph (seed 7) draw the same noise and decode the same image, non-square,
+    batch 2; the noise is standard normal; a later call of a session draws new noise; another seed differs."""
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(3)).numpy()
+    a, b = (eo.ort_session(graph_noise_onnx) for _ in range(2))
+    (sa, na), (sb, nb) = a.run(None, {"latent_sample": z}), b.run(None, {"latent_sample": z})
+    assert na.shape == (2, 3, 40, 56) and sa.shape == na.shape
+    assert (na == nb).all() and (sa == sb).all()
+    assert abs(float(na.mean())) < 0.05 and abs(float(na.std()) - 1) < 0.05
+    assert not (a.run(None, {"latent_sample": z})[1] == na).all()  # the session's generator moves on
+    other = eo.convert_to_graph_noise(decoder_onnx, tmp_path / "seed8.onnx", seed=8)
+    assert not (eo.ort_session(other).run(None, {"latent_sample": z})[1] == na).all()
+
+
+def test_graph_noise_fed_to_noise_input_graph_gives_the_same_image(graph_noise_onnx, decoder_session, model):
+    z = torch.randn(1, 4, 6, 4, generator=torch.Generator().manual_seed(5)).numpy()
+    sample, noise = eo.ort_session(graph_noise_onnx).run(None, {"latent_sample": z})
+    again = decoder_session.run(None, {"latent_sample": z, "noise": noise})[0]
+    print(f"graph noise -> noise input graph: max abs {float(abs(again - sample).max()):.2e}")
+    assert float(abs(again - sample).max()) <= 1e-5
+    rows = eo.verify_onnx(model, graph_noise_onnx, latent_sizes=((4, 6),), batch=2)  # PyTorch on that noise
+    assert rows[0]["max_abs"] <= TOL
+
+
+def test_graph_noise_conversion_errors(graph_noise_onnx, decoder_onnx, encoder_onnx, tmp_path):
+    with pytest.raises(ValueError, match="not a noise-input decoder"):
+        eo.convert_to_graph_noise(graph_noise_onnx, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="not a noise-input decoder"):
+        eo.convert_to_graph_noise(encoder_onnx, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="seed must be"):
+        eo.convert_to_graph_noise(decoder_onnx, tmp_path / "x.onnx", seed=-1)
+
+
+def test_graph_noise_tensorrt_profile_and_triton_config(graph_noise_onnx, tmp_path):
+    from ssdd_runtime.export.tensorrt import profile_for_onnx
+    from ssdd_runtime.export.triton_repo import write_triton_repo
+
+    profile = profile_for_onnx(graph_noise_onnx, "1x64x64", "2x256x256", "4x512x512")
+    assert profile.shapes == {"latent_sample": ((1, 4, 8, 8), (2, 4, 32, 32), (4, 4, 64, 64))}
+    model_dir = write_triton_repo(tmp_path / "repo", onnx_path=graph_noise_onnx, name="ssdd_decoder")
+    text = (model_dir / "config.pbtxt").read_text()
+    assert "noise drawn in the graph with seed 7" in text
+    cfg, _ = _parse_config(text)
+    assert [i.name for i in cfg.input] == ["latent_sample"] and [o.name for o in cfg.output] == ["sample", "noise"]
+
+
+def test_optimum_encoder_names(optimum_encoder_onnx, encoder_onnx, api_model):
+    """optimum's VaeEncoderOnnxConfig: sample -> latent_parameters (B, 2C, h, w), mean channels first."""
+    io = eo.graph_io(optimum_encoder_onnx)
+    assert [r[0] for r in io["inputs"]] == ["sample"] and [r[0] for r in io["outputs"]] == ["latent_parameters"]
+    assert io["outputs"][0][2][1] == 8 and eo.read_metadata(optimum_encoder_onnx)["ssdd.names"] == "optimum"
+    x = (torch.rand(1, 3, 48, 80, generator=torch.Generator().manual_seed(2)) * 2 - 1).numpy()
+    (params,) = eo.ort_session(optimum_encoder_onnx).run(None, {"sample": x})
+    mean, logvar = eo.ort_session(encoder_onnx).run(None, {"image": x})
+    assert abs(params[:, :4] - mean).max() <= 1e-5 and abs(params[:, 4:].clip(-30, 20) - logvar).max() <= 1e-5
+    assert eo.verify_onnx(api_model, optimum_encoder_onnx, latent_sizes=((6, 10),))[0]["max_abs"] <= TOL
+
+
 # --- fp16 variant, external data ------------------------------------------------------------------------------
 
 
@@ -197,6 +282,10 @@ def test_fp16_variant_keeps_norms_and_softmax_fp32(decoder_onnx, tmp_path):
     (dict(dtype=torch.float64), "dtype must be"),
     (dict(part="middle"), "part must be"),
     (dict(steps=0), "steps must be"),
+    (dict(noise="random"), "noise must be one of"),
+    (dict(noise="graph", part="encoder"), "decoder graph only"),
+    (dict(noise="graph", seed=-1), "seed must be"),
+    (dict(names="hf"), "names must be one of"),
 ])
 def test_export_argument_errors(model, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,8 +1,8 @@
 """Where a decode's time goes: torch.profiler over one eager call per model, grouped into convolutions, matmuls
 and attention, and the rest (norms, element-wise glue, copies).
 
-    python -m ssdd_runtime.benchmarks.profile                      # SSDD-M 1 network call vs KL-VAE, 256x256
-    python -m ssdd_runtime.benchmarks.profile --models ssdd-S,kl-vae --res 512 --threads 2
+    python -m ssdd_runtime.benchmarks.op_profile                      # SSDD-M 1 network call vs KL-VAE, 256x256
+    python -m ssdd_runtime.benchmarks.op_profile --models ssdd-S,kl-vae --res 512 --threads 2
 """
 from __future__ import annotations
 
