@@ -14,6 +14,7 @@ import torch
 
 from ssdd_runtime import optimize
 from ssdd_runtime.api import as_dtype
+from ssdd_runtime.io import atomic_output
 from ssdd_runtime.benchmarks import backends as bk
 from ssdd_runtime.benchmarks.schema import SCHEMA, write_json  # noqa: F401 (write_json: the CLI's writer)
 from ssdd_runtime.benchmarks.timing import Measurement, PeakMemory, env_cpu_load, environment, measure_interleaved
@@ -204,7 +205,7 @@ def write_csv(report: dict, path: str) -> None:
     import csv
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         wr = csv.DictWriter(f, fieldnames=CSV_FIELDS + ["device_name", "date_utc"])
         wr.writeheader()
         for r in report["results"]:

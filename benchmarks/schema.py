@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+
+from ssdd_runtime.io import write_text_atomic
 
 SCHEMA = "ssdd-bench/1"
 NUMBER = (int, float)
@@ -100,14 +101,5 @@ def write_json(report: dict, path, *, validate: bool = True) -> None:
     """Write the report (checked first) to a temporary name in the target folder, then rename it into place."""
     if validate:
         check(report, str(path))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, json.dumps(report, indent=1, default=str) + "\n")

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ssdd_runtime import kernels, optimize
+from ssdd_runtime.io import atomic_output
 from ssdd_runtime.model import Attention, SSDDModule
 from ssdd_runtime.sampler import T_POW_SHIFT
 
@@ -324,12 +325,15 @@ def _save(proto, path: Path, external: bool) -> None:
     """Save (weights in `<name>.data` next to it when external), run onnx.checker, check the TensorRT op list."""
     onnx = _require("onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
-    onnx.checker.check_model(str(path))
+    # The graph goes through the atomic writer and is checked before its rename. External weights are written
+    # under their final name first (the graph refers to it), so a graph file that exists is always complete.
+    with atomic_output(path) as tmp:
+        if external:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
     missing = unsupported_trt_ops(path)
     if missing:
         log.warning("%s uses operators outside the TensorRT 10.0 ONNX parser's list: %s", path, ", ".join(missing))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ssdd_runtime.io import write_bytes_atomic, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -239,9 +241,9 @@ def build_engine(onnx_path, engine_path, *, precision: str = "fp16", profile: Pr
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    write_bytes_atomic(engine_path, bytes(serialized))
     if cache_path is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     write_engine_info(engine_path, onnx_path, precision, profile)
     return engine_path
 
@@ -253,12 +255,8 @@ def write_engine_info(engine_path, onnx_path, precision: str, profile: Profile) 
     info = {"onnx": str(onnx_path), "precision": precision, "metadata": read_metadata(onnx_path),
             "profile": {name: [list(s) for s in shapes] for name, shapes in profile.shapes.items()}}
     path = Path(str(engine_path) + ".json")
-    path.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    write_text_atomic(path, json.dumps(info, indent=2))
     return path
-
-
-def format_command(cmd: list[str]) -> str:
-    return shlex.join(cmd)
 
 
 # ---------------------------------------------------------------------------------------------------------

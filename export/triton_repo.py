@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from ssdd_runtime.export.onnx import graph_io, read_metadata
+from ssdd_runtime.io import atomic_output, write_text_atomic
 
 BACKENDS = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
@@ -99,14 +100,20 @@ def write_triton_repo(repo, *, onnx_path, engine_path=None, name: str = "ssdd_de
     model_dir = Path(repo) / name
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+    # model files first, config last: Triton's repository poller never sees a config without its model
     if backend == "tensorrt":
-        shutil.copyfile(engine_path, version_dir / BACKENDS[backend])
+        _copy_atomic(engine_path, version_dir / BACKENDS[backend])
     else:
-        shutil.copyfile(onnx_path, version_dir / BACKENDS[backend])
         for data in _external_data_files(onnx_path):  # keep their names: the graph refers to them by name
-            shutil.copyfile(onnx_path.parent / data, version_dir / data)
+            _copy_atomic(onnx_path.parent / data, version_dir / data)
+        _copy_atomic(onnx_path, version_dir / BACKENDS[backend])
+    write_text_atomic(model_dir / "config.pbtxt", text)
     return model_dir
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_output(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _external_data_files(onnx_path: Path) -> list[str]:

@@ -239,6 +239,12 @@ def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) 
                    help="fp16: fp16 weights/activations, norm statistics and softmax in fp32, fp32 inputs/outputs")
     p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
                    help="weights in <output>.data (auto: when above ~1.8 GB)")
+    p.add_argument("--noise", choices=["input", "graph"], default="input",
+                   help="decoder start noise: an input (default) or drawn inside the graph (RandomNormalLike seeded by "
+                        "--seed; clients send only latent_sample; the drawn noise is a second output)")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the in-graph noise (--noise graph; default 0)")
+    p.add_argument("--names", choices=["ssdd", "optimum"], default="ssdd",
+                   help="encoder output names: ssdd (latent_mean, latent_logvar) or optimum (latent_parameters)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.set_defaults(func=cmd_export_onnx)
@@ -415,11 +421,13 @@ def cmd_export_onnx(args) -> int:
     from ssdd_runtime.export.onnx import check_export_args, export_onnx, verify_onnx
 
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    check_export_args(args.part, args.steps, args.opset, dtype)  # fail before loading a checkpoint
+    check_export_args(args.part, args.steps, args.opset, dtype, noise=args.noise, names=args.names,
+                      seed=args.seed)  # fail before loading a checkpoint
     model = load_model(args, device="cpu", dtype="fp32")
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     path = export_onnx(model, args.output, part=args.part, steps=args.steps, opset=args.opset, dtype=dtype,
-                       t_pow_shift=args.t_pow_shift, external_data=external)
+                       t_pow_shift=args.t_pow_shift, external_data=external, noise=args.noise, seed=args.seed,
+                       names=args.names)
     print(f"wrote {path} (onnx.checker passed)")
     if not args.no_verify:
         F = model.stride
