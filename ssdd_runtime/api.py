@@ -41,46 +41,96 @@ class SSDD(SSDDModule):
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None, *, revision: str | None = None,
-                        encoder: str | None = None, decoder: str | None = None, device=None,
+                        encoder=None, decoder: str | None = None, device=None,
                         dtype: torch.dtype | str | None = None, local_files_only: bool = False,
                         cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None) -> SSDD:
         """Load an official SSDD checkpoint from a local `.safetensors` path or a Hub repo (`facebook/SSDD` +
-        `filename`). The architecture comes from the tensor shapes; `encoder=`/`decoder=` are checked against it."""
+        `filename`). The architecture comes from the tensor shapes; `encoder=`/`decoder=` are checked against it.
+
+        Decoder-only files (the SDVAE decoders) load as decode-only models, or paired with an external encoder:
+        `encoder="sdvae"` loads diffusers' `stabilityai/sd-vae-ft-mse` (with this call's `cache_dir` and
+        `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
         path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
-        model = cls.from_state_dict(weights.read_state_dict(path), encoder=encoder, decoder=decoder, device=device,
+        if encoder == "sdvae":
+            from ssdd_runtime import sdvae
+
+            state_dict = weights.read_state_dict(path)  # fail on a bad file before fetching the VAE
+            if any(k.startswith("encoder.") for k in state_dict):
+                raise ValueError(f"encoder='sdvae' was asked for but {path} holds its own SSDD encoder "
+                                 "(encoder.* tensors); the SD-VAE pairs with the decoder-only SDVAE files")
+            encoder = sdvae.load_encoder(cache_dir=cache_dir, local_files_only=local_files_only)
+        else:
+            state_dict = weights.read_state_dict(path)
+        model = cls.from_state_dict(state_dict, encoder=encoder, decoder=decoder, device=device,
                                     dtype=dtype, use_triton=use_triton, source=str(path))
         model.checkpoint = str(path)
         return model
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], *, encoder: str | None = None,
-                        decoder: str | None = None, device=None, dtype: torch.dtype | str | None = None,
-                        use_triton: bool | None = None, source: str = "state dict") -> SSDD:
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], *, encoder=None, decoder: str | None = None,
+                        device=None, dtype: torch.dtype | str | None = None, use_triton: bool | None = None,
+                        source: str = "state dict") -> SSDD:
+        """`encoder`: None, an encoder name checked against the file ("f8c4"...), or for a decoder-only state
+        dict "sdvae" / an external encoder object (`ssdd_runtime.sdvae.load_encoder()`) to pair with it."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
         enc, dec = weights.infer_config(state_dict)
-        if encoder is not None and encoder_config(encoder) != enc:
-            raise ValueError(f"encoder={encoder!r} was asked for but {source} holds an {enc.name} encoder")
+        external = None
+        if enc is None:  # decoder-only
+            if encoder == "sdvae":
+                from ssdd_runtime import sdvae
+
+                encoder = sdvae.load_encoder()
+            if isinstance(encoder, str):
+                encoder_config(encoder)  # validates the name
+                raise ValueError(f"encoder={encoder!r} was asked for but {source} holds decoder weights only (no "
+                                 "encoder.* tensors); pair it with encoder='sdvae' (the SDVAE files) or load it "
+                                 "decode-only (encoder=None)")
+            if encoder is not None:
+                cfg = getattr(encoder, "config", None)
+                if not callable(getattr(encoder, "encode", None)) or cfg is None:
+                    raise TypeError(f"encoder must be None, a name or an encoder object with .encode and .config "
+                                    f"(ssdd_runtime.sdvae.load_encoder()), got {type(encoder).__name__}")
+                if cfg.z_dim != dec.z_dim:
+                    raise ValueError(f"{encoder!r} gives {cfg.z_dim}-channel latents but the decoder of {source} "
+                                     f"reads {dec.z_dim} channels")
+                external = encoder
+        elif encoder is not None:
+            if not isinstance(encoder, str) or encoder == "sdvae":
+                raise ValueError(f"encoder={encoder!r} was asked for but {source} holds its own {enc.name} encoder "
+                                 "(encoder.* tensors)")
+            if encoder_config(encoder) != enc:
+                raise ValueError(f"encoder={encoder!r} was asked for but {source} holds an {enc.name} encoder")
         if decoder is not None:
             decoder_config(decoder)  # validates the name
             if decoder != dec.size:
                 raise ValueError(f"decoder={decoder!r} was asked for but {source} holds decoder size {dec.size!r}")
         with torch.device("meta"):
-            model = cls(enc, dec)
+            model = cls(enc, dec, stride=None if external is None else external.config.stride)
         weights.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, source=source)
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False)
         optimize.use_kernels(model, use_triton)
         model.checkpoint = None
+        if external is not None:
+            model.encoder = external  # a plain attribute, not a submodule: the state dict stays decoder.* only
         return model
 
     @property
     def device(self) -> torch.device:
         return self.decoder.conv_in.weight.device
 
+    @property
+    def encoder_name(self) -> str | None:
+        """"f8c4"... for SSDD's own encoder, "sdvae" for a paired SD-VAE, None for a decode-only model."""
+        if self.encoder_config is not None:
+            return self.encoder_config.name
+        return None if self.encoder is None else self.encoder.config.name
+
     def extra_repr(self) -> str:
-        return f"encoder={self.encoder_config.name}, decoder={self.decoder_config.size}"
+        enc = self.encoder_name or f"none (decode-only, stride {self.stride})"
+        return f"encoder={enc}, decoder={self.decoder_config.size}"
 
     # -- encode -----------------------------------------------------------------------------------------------
 
@@ -88,6 +138,10 @@ class SSDD(SSDDModule):
     def encode(self, x: torch.Tensor, *, batch_size: int | None = None) -> DiagonalGaussian:
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder stride -> latent distribution with
         fp32 `.mean`/`.logvar` of shape (B, C, H/F, W/F); `.mode()` is what the decoder consumes."""
+        if self.encoder is None:
+            raise ValueError(f"{self.checkpoint or 'this model'} is a decoder-only checkpoint (decoder.* tensors "
+                             "only): it cannot encode. Pair it with an encoder: SSDD.from_pretrained(..., encoder='sdvae') "
+                             "for the SDVAE decoders (or encoder=ssdd_runtime.sdvae.load_encoder(<folder or Hub id>))")
         _check_tensor("image", x, rank=4)
         if x.shape[1] != 3:
             raise ValueError(f"image must have 3 channels (B, 3, H, W), got shape {tuple(x.shape)}")
@@ -96,7 +150,8 @@ class SSDD(SSDDModule):
             raise ValueError(f"image height and width must be multiples of the encoder stride {F_}, "
                              f"got {x.shape[2]}x{x.shape[3]}")
         _check_finite("image", x)
-        moments = [self._with_fp32_fallback("encode", lambda m, xb: SSDDModule.encode(m, xb.to(m.dtype)),
+        own = self.encoder_config is not None  # an external encoder keeps its own dtype (sdvae.py: fp32)
+        moments = [self._with_fp32_fallback("encode", lambda m, xb: SSDDModule.encode(m, xb.to(m.dtype) if own else xb),
                                             xb.to(self.device))
                    for xb in _chunks(x, batch_size)]
         mean = torch.cat([m.mean.float() for m in moments]).contiguous()
@@ -117,8 +172,8 @@ class SSDD(SSDDModule):
         _check_tensor("latent", z, rank=4)
         C = self.decoder_config.z_dim
         if z.shape[1] != C:
-            raise ValueError(f"latent must have {C} channels (B, {C}, h, w) for this {self.encoder_config.name} "
-                             f"model, got shape {tuple(z.shape)}")
+            raise ValueError(f"latent must have {C} channels (B, {C}, h, w) for this "
+                             f"{self.encoder_name or 'decode-only'} model, got shape {tuple(z.shape)}")
         _check_finite("latent", z)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -170,9 +225,11 @@ class SSDD(SSDDModule):
             twin = self.__dict__.get("_fp32_twin")
             if twin is None or twin.decoder.conv_in.weight.device != self.device:
                 with torch.device("meta"):
-                    twin = SSDDModule(self.encoder_config, self.decoder_config)
+                    twin = SSDDModule(self.encoder_config, self.decoder_config, stride=self.stride)
                 twin.load_state_dict({k: v.float() for k, v in self.state_dict().items()}, strict=True, assign=True)
                 twin.eval().requires_grad_(False)
+                if self.encoder_config is None:
+                    twin.encoder = self.encoder  # external (fp32 already) or None: shared, never a submodule
                 self.__dict__["_fp32_twin"] = twin
             for mine, theirs in zip(self.modules(), twin.modules()):  # same tree: follow the current switches
                 if isinstance(mine, FusedOp):

@@ -124,29 +124,44 @@ class DiagonalGaussian:
 class SSDDModule(nn.Module):
     """Encoder + single-step diffusion decoder. Holds the official state-dict layout (`encoder.*`, `decoder.*`).
 
+    `encoder=None` builds a decoder-only model (state dict `decoder.*` only, as in the released SDVAE files):
+    `self.encoder` is then None, or an external encoder object that is deliberately not a registered submodule
+    (e.g. `ssdd_runtime.sdvae.SDVAEEncoder`, whose `encode(x)` returns the posterior), so the state dict stays
+    decoder-only. The decoder's latent stride is then `stride` (default 8: the SD-VAE's).
+
     This module is the math. `ssdd_runtime.SSDD` subclasses it with the user-facing API: loading, input
     validation, dtype policy, batching and noise handling.
     """
 
-    def __init__(self, encoder: EncoderConfig | str = "f8c4", decoder: DecoderConfig | str = "M"):
+    def __init__(self, encoder: EncoderConfig | str | None = "f8c4", decoder: DecoderConfig | str = "M", *,
+                 stride: int | None = None):
         super().__init__()
         enc = encoder_config(encoder) if isinstance(encoder, str) else encoder
-        dec = decoder_config(decoder, z_dim=enc.z_dim) if isinstance(decoder, str) else decoder
-        if dec.z_dim != enc.z_dim:
+        if enc is not None and stride is not None and stride != enc.stride:
+            raise ValueError(f"stride={stride} does not match the {enc.name} encoder's stride {enc.stride}")
+        z_dim = enc.z_dim if enc is not None else 4
+        dec = decoder_config(decoder, z_dim=z_dim) if isinstance(decoder, str) else decoder
+        if enc is not None and dec.z_dim != enc.z_dim:
             raise ValueError(f"decoder z_dim {dec.z_dim} does not match encoder latent channels {enc.z_dim}")
         self.encoder_config, self.decoder_config = enc, dec
-        self.encoder = Encoder(enc)
-        self.decoder = UViTDecoder(dec, stride=enc.stride)
+        self.encoder = Encoder(enc) if enc is not None else None
+        if enc is None and stride is not None and stride not in ENCODER_STRIDES:
+            raise ValueError(f"stride must be one of {ENCODER_STRIDES}, got {stride!r}")
+        self.decoder = UViTDecoder(dec, stride=enc.stride if enc is not None else (8 if stride is None else stride))
 
     @property
-    def stride(self) -> int:
-        return self.encoder_config.stride
+    def stride(self) -> int:  # image pixels per latent pixel
+        return self.decoder.stride
 
     @property
     def dtype(self) -> torch.dtype:  # of the weights (the activations follow)
         return self.decoder.conv_in.weight.dtype
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:  # x: (B, 3, H, W) in [-1, 1]
+        if self.encoder is None:
+            raise ValueError("this SSDD model is decoder-only (no encoder.* weights): pair it with an encoder")
+        if not isinstance(self.encoder, Encoder):  # external (not a submodule): returns the posterior itself
+            return self.encoder.encode(x)
         moments = self.encoder(x)  # (B, 2C, H/F, W/F)
         mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)

@@ -31,13 +31,18 @@ def test_tensor(key: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor
     raise ValueError(f"no test-weight recipe for {key} {shape}")
 
 
-def test_state_dict(encoder: str = "f8c4", decoder: str = "S", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A full SSDD state dict (official key names) filled with the deterministic test weights."""
+def test_state_dict(encoder: str | None = "f8c4", decoder: str = "S", seed: int = 0, *,
+                    meta: bool = False) -> dict[str, torch.Tensor]:
+    """A full SSDD state dict (official key names) filled with the deterministic test weights.
+    encoder=None or "sdvae": decoder-only (`decoder.*`, 4 latent channels), the layout of the SDVAE files.
+    meta=True: the same keys and shapes as meta tensors (layout checks of large sizes without the memory)."""
     from ssdd_runtime.model import SSDDModule
 
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in SSDDModule(encoder, decoder).state_dict().items()}
-    return {k: test_tensor(k, s, seed) for k, s in shapes.items()}
+        sd = SSDDModule(None if encoder in (None, "sdvae") else encoder, decoder).state_dict()
+    if meta:
+        return dict(sd)
+    return {k: test_tensor(k, tuple(v.shape), seed) for k, v in sd.items()}
 
 
 test_tensor.__test__ = False  # not pytest tests

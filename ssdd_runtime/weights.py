@@ -1,9 +1,10 @@
 """Checkpoint files and the Hub: find, read, validate, infer the architecture from tensor shapes.
 
 An official SSDD checkpoint is the complete model state dict (`encoder.*` + `decoder.*`, no prefix, fp32)
-stored as `.safetensors` with no config inside (spec 1.4). The architecture is therefore read from the
-tensor shapes: encoder stride from the number of `encoder.down.<i>` levels, latent channels from
-`encoder.conv_out`, decoder size from the level widths, transformer depth and head count.
+stored as `.safetensors` with no config inside (spec 1.4); the SDVAE files hold `decoder.*` only (their encoder
+is diffusers' SD-VAE, spec 1.4b). The architecture is therefore read from the tensor shapes: encoder stride
+from the number of `encoder.down.<i>` levels, latent channels from `encoder.conv_out` (or, decoder-only, from
+`decoder.conv_in`), decoder size from the level widths, transformer depth and head count.
 """
 from __future__ import annotations
 
@@ -24,18 +25,38 @@ DEFAULT_REPO = "facebook/SSDD"
 
 @dataclass(frozen=True)
 class HubFile:
-    encoder: str
-    decoder: str
+    encoder: str  # "f<F>c<C>": SSDD's own encoder, stored in the file; "sdvae": diffusers' AutoencoderKL, not stored
+    z_dim: int  # latent channels
+    decoder: str  # decoder size
     resolution: int  # training resolution (the decoder runs at any size, see README)
-    steps: int  # recommended Euler steps (the upstream README evaluates with 8)
+    scaling_factor: float  # what a diffusers pipeline divides its latents by before decode (pipeline convention)
+    steps: int | None = None  # recommended Euler steps; None: not recorded anywhere we can read
+    t_pow_shift: float | None = None  # recommended time-grid exponent; None: not recorded
+
+    @property
+    def decoder_only(self) -> bool:  # the file holds decoder.* tensors only; the encoder comes from elsewhere
+        return self.encoder == "sdvae"
 
 
-# Files published in facebook/SSDD (names from the upstream README). Advisory: loading never trusts a name;
-# the architecture always comes from the tensor shapes.
+def _family(folder: str, encoder: str, z_dim: int, sizes: tuple[str, ...], scaling_factor: float):
+    return {f"{folder}/{folder}_{s}_256.safetensors": HubFile(encoder, z_dim, s, 256, scaling_factor) for s in sizes}
+
+
+# Files of the weights commit of facebook/SSDD ("Add SSDD model weights"; spec 1.4b): 24 files plus the demo. No
+# H decoder was released. Advisory: loading never trusts a name; the architecture comes from the tensor shapes.
+# scaling_factor: 0.18215 is Stable Diffusion's for its KL-f8 VAE (SD pipeline latents / 0.18215 are exactly what
+# the SDVAE decoders read); 1.0 for SSDD's own encoders (raw posterior means, no statistics measured; see
+# integrations/latent_stats.py). Sampler defaults: which files are distilled single-step decoders and which are
+# multi-step teachers is not recorded in anything read here, so they stay None and every example passes `steps`.
+# The one exception: the upstream demo notebook decodes the demo file with steps=8 through the API path, whose
+# grid exponent is the official sampler default 2.0 (spec 1.1).
 KNOWN_FILES: dict[str, HubFile] = {
-    "demo_f8c4_M_128.safetensors": HubFile("f8c4", "M", 128, 8),
-    **{f"F8C4/F8C4_{s}_256.safetensors": HubFile("f8c4", s, 256, 8) for s in ("S", "B", "M", "L", "XL", "H")},
-    **{f"F16C4/F16C4_{s}_256.safetensors": HubFile("f16c4", s, 256, 8) for s in ("S", "B", "M", "L", "XL", "H")},
+    "demo_f8c4_M_128.safetensors": HubFile("f8c4", 4, "M", 128, 1.0, steps=8, t_pow_shift=2.0),
+    **_family("F8C4", "f8c4", 4, ("S", "B", "M", "L", "XL"), 1.0),
+    **_family("F16C4", "f16c4", 4, ("S", "B", "M", "L", "XL"), 1.0),
+    **_family("F16C16", "f16c16", 16, ("S", "B", "M", "L", "XL"), 1.0),
+    **_family("F32C64", "f32c64", 64, ("S", "B", "M", "L", "XL"), 1.0),
+    **_family("SDVAE", "sdvae", 4, ("S", "B", "M", "L"), 0.18215),
 }
 
 
@@ -108,23 +129,28 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file (truncated or another format?): {e}") from e
 
 
-def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[EncoderConfig, DecoderConfig]:
-    """Encoder and decoder configuration implied by the tensor shapes of a full SSDD state dict."""
-    need = ("encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.mid_block.proj_in.weight")
+def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[EncoderConfig | None, DecoderConfig]:
+    """Encoder and decoder configuration implied by the tensor shapes of an SSDD state dict. The encoder is None
+    for a decoder-only file (`decoder.*` tensors only, e.g. the SDVAE decoders, whose encoder is external)."""
+    need = ("decoder.conv_in.weight", "decoder.mid_block.proj_in.weight")
     missing = [k for k in need if k not in state_dict]
     if missing:
         parts = sorted({k.split(".")[0] for k in state_dict})
-        raise ValueError(f"not a full SSDD checkpoint (encoder.* and decoder.* tensors): missing {missing}; "
+        raise ValueError(f"not an SSDD checkpoint (decoder.* tensors, optionally encoder.*): missing {missing}; "
                          f"top-level names found: {parts[:8]}")
-    levels = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))}
-    stride = 2 ** (len(levels) - 1)
-    z_dim = state_dict["encoder.conv_out.weight"].shape[0] // 2
-    if stride not in ENCODER_STRIDES:
-        raise ValueError(f"encoder with {len(levels)} levels (stride {stride}) is not supported; "
-                         f"expected strides {ENCODER_STRIDES}")
-    enc = EncoderConfig(stride=stride, z_dim=z_dim)
+    enc = None
+    if any(k.startswith("encoder.") for k in state_dict):
+        if "encoder.conv_out.weight" not in state_dict:
+            raise ValueError("encoder.* tensors without encoder.conv_out.weight: a truncated or foreign encoder")
+        levels = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))}
+        stride = 2 ** (len(levels) - 1)
+        z_dim = state_dict["encoder.conv_out.weight"].shape[0] // 2
+        if stride not in ENCODER_STRIDES:
+            raise ValueError(f"encoder with {len(levels)} levels (stride {stride}) is not supported; "
+                             f"expected strides {ENCODER_STRIDES}")
+        enc = EncoderConfig(stride=stride, z_dim=z_dim)
 
-    dec_z = state_dict["decoder.conv_in.weight"].shape[1] - 3
+    dec_z = state_dict["decoder.conv_in.weight"].shape[1] - 3  # conv_in reads [x_t (3), z_up (C)]
     widths = tuple(state_dict[f"decoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(4)
                    if f"decoder.down_blocks.{i}.resnets.0.conv1.weight" in state_dict)
     layers = len({int(m.group(1)) for k in state_dict
