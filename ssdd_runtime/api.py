@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ssdd_runtime import optimize, weights
+from ssdd_runtime import optimize, tiled, weights
 from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT, randn
 
@@ -163,11 +163,13 @@ class SSDD(SSDDModule):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, steps: int = 1, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float = T_POW_SHIFT,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, tile: int | None = None) -> torch.Tensor:
         """z: (B, C, h, w) latents -> images (B, 3, h*F, w*F), fp32, nominally in [-1, 1] but unclamped.
 
         `steps` Euler steps on the time grid t_k = (1 - k/steps)^t_pow_shift (1 = the single-step mode).
         The start noise is `noise` if given, else drawn in fp32 from `generator` (or the global RNG).
+        `tile`: decode in tiles of `tile` x `tile` latent pixels (memory of the full- and half-resolution layers
+        bounded by the tile; GroupNorm statistics of the whole image; several passes per step: see tiled.py).
         """
         _check_tensor("latent", z, rank=4)
         C = self.decoder_config.z_dim
@@ -179,6 +181,8 @@ class SSDD(SSDDModule):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(t_pow_shift, (int, float)) or not t_pow_shift > 0 or t_pow_shift == float("inf"):
             raise ValueError(f"t_pow_shift must be a positive finite number, got {t_pow_shift!r}")
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+            raise ValueError(f"tile must be a positive integer (latent pixels) or None, got {tile!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         B, _, h, w = z.shape
@@ -192,6 +196,9 @@ class SSDD(SSDDModule):
                                  f"got {tuple(noise.shape)}")
             _check_finite("noise", noise)
         def run(m, zb, nb):
+            if tile is not None:
+                return tiled.sample(m.decoder, zb.to(m.dtype), nb, steps=steps, t_pow_shift=float(t_pow_shift),
+                                    tile=tile)
             return SSDDModule.sample(m, zb.to(m.dtype), nb, steps=steps, t_pow_shift=float(t_pow_shift))
 
         out = [self._with_fp32_fallback("decode", run, zb.to(self.device, torch.float32),
