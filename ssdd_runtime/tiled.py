@@ -59,7 +59,8 @@ class Tile:
 
     def interior(self, t: torch.Tensor) -> torch.Tensor:  # t: a crop at any resolution; its interior part
         s = t.shape[-2] // (self.cy1 - self.cy0)
-        return t[..., (self.y0 - self.cy0) * s:(self.y1 - self.cy0) * s, (self.x0 - self.cx0) * s:(self.x1 - self.cx0) * s]
+        y0, x0 = (self.y0 - self.cy0) * s, (self.x0 - self.cx0) * s
+        return t[..., y0:y0 + (self.y1 - self.y0) * s, x0:x0 + (self.x1 - self.x0) * s]
 
     def put(self, out: torch.Tensor, t: torch.Tensor) -> None:  # write a crop's interior into the whole map
         s = t.shape[-2] // (self.cy1 - self.cy0)
@@ -208,6 +209,12 @@ def _mid(mid, y, ctx, tile: int):
 # Public entry points
 
 
+def check_tile(tile) -> int:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive integer (latent pixels) or None, got {tile!r}")
+    return tile
+
+
 class _Stop(Exception):
     """Raised by Norm after recording its target GroupNorm: the rest of the tile's evaluation is not needed."""
 
@@ -217,9 +224,7 @@ class TiledDecoder:
     latent pixels."""
 
     def __init__(self, decoder: UViTDecoder, tile: int):
-        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-            raise ValueError(f"tile must be a positive integer (latent pixels) or None, got {tile!r}")
-        self.decoder, self.tile = decoder, tile
+        self.decoder, self.tile = decoder, check_tile(tile)
         # The tiled GroupNorms in evaluation order: each one's input depends on the statistics of those before it.
         self.down_norms = [n for b in decoder.down_blocks[:2] for r in b.resnets for n in (r.norm1, r.norm2)]
         self.up_norms = [n for b in decoder.up_blocks[2:] for r in b.resnets for n in (r.norm1, r.norm2)]
