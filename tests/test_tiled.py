@@ -28,7 +28,7 @@ def s_decoder_only():
 def test_token_tiled_transformer_is_exact(s_decoder_only, r, grid):
     """The middle transformer run block by block over token tiles with a 7-token halo (r = 1 and 2 tokens per
     latent pixel: f8 and f16) equals the whole-grid transformer: the window gives keys beyond +-7 exactly zero
-    weight. Bound: float reassociation (measured 1.2e-5 max abs, 8e-7 relative L2, outputs |max| ~ 10)."""
+    weight. Bound: float reassociation (measured 1.2e-5 / 1.4e-5 max abs, 8e-7 relative L2, outputs |max| 14)."""
     mid = s_decoder_only.decoder.mid_block
     g = torch.Generator().manual_seed(0)
     y = torch.randn(2, mid.proj_in.in_features, *grid, generator=g)
