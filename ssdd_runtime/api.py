@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ssdd_runtime import optimize, weights
+from ssdd_runtime import optimize, tiled, weights
 from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT, randn
 
@@ -52,16 +52,11 @@ class SSDD(SSDDModule):
         `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
         path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
-        if encoder == "sdvae":
+        state_dict = weights.read_state_dict(path)  # a bad file fails before the VAE is fetched
+        if encoder == "sdvae" and not any(k.startswith("encoder.") for k in state_dict):  # else: refused below
             from ssdd_runtime import sdvae
 
-            state_dict = weights.read_state_dict(path)  # fail on a bad file before fetching the VAE
-            if any(k.startswith("encoder.") for k in state_dict):
-                raise ValueError(f"encoder='sdvae' was asked for but {path} holds its own SSDD encoder "
-                                 "(encoder.* tensors); the SD-VAE pairs with the decoder-only SDVAE files")
             encoder = sdvae.load_encoder(cache_dir=cache_dir, local_files_only=local_files_only)
-        else:
-            state_dict = weights.read_state_dict(path)
         model = cls.from_state_dict(state_dict, encoder=encoder, decoder=decoder, device=device,
                                     dtype=dtype, use_triton=use_triton, source=str(path))
         model.checkpoint = str(path)
@@ -140,8 +135,9 @@ class SSDD(SSDDModule):
         fp32 `.mean`/`.logvar` of shape (B, C, H/F, W/F); `.mode()` is what the decoder consumes."""
         if self.encoder is None:
             raise ValueError(f"{self.checkpoint or 'this model'} is a decoder-only checkpoint (decoder.* tensors "
-                             "only): it cannot encode. Pair it with an encoder: SSDD.from_pretrained(..., encoder='sdvae') "
-                             "for the SDVAE decoders (or encoder=ssdd_runtime.sdvae.load_encoder(<folder or Hub id>))")
+                             "only): it cannot encode. Pair it with an encoder: SSDD.from_pretrained(..., "
+                             "encoder='sdvae') for the SDVAE decoders (or encoder=ssdd_runtime.sdvae.load_encoder("
+                             "<folder or Hub id>))")
         _check_tensor("image", x, rank=4)
         if x.shape[1] != 3:
             raise ValueError(f"image must have 3 channels (B, 3, H, W), got shape {tuple(x.shape)}")
@@ -151,8 +147,8 @@ class SSDD(SSDDModule):
                              f"got {x.shape[2]}x{x.shape[3]}")
         _check_finite("image", x)
         own = self.encoder_config is not None  # an external encoder keeps its own dtype (sdvae.py: fp32)
-        moments = [self._with_fp32_fallback("encode", lambda m, xb: SSDDModule.encode(m, xb.to(m.dtype) if own else xb),
-                                            xb.to(self.device))
+        moments = [self._with_fp32_fallback("encode", lambda m, xb: SSDDModule.encode(m, xb.to(m.dtype) if own
+                                                                          else xb), xb.to(self.device))
                    for xb in _chunks(x, batch_size)]
         mean = torch.cat([m.mean.float() for m in moments]).contiguous()
         logvar = torch.cat([m.logvar.float() for m in moments]).contiguous()
@@ -163,11 +159,13 @@ class SSDD(SSDDModule):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, steps: int = 1, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float = T_POW_SHIFT,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, tile: int | None = None) -> torch.Tensor:
         """z: (B, C, h, w) latents -> images (B, 3, h*F, w*F), fp32, nominally in [-1, 1] but unclamped.
 
         `steps` Euler steps on the time grid t_k = (1 - k/steps)^t_pow_shift (1 = the single-step mode).
         The start noise is `noise` if given, else drawn in fp32 from `generator` (or the global RNG).
+        `tile`: decode in tiles of `tile` x `tile` latent pixels (memory of the full- and half-resolution layers
+        bounded by the tile; GroupNorm statistics of the whole image; several passes per step: see tiled.py).
         """
         _check_tensor("latent", z, rank=4)
         C = self.decoder_config.z_dim
@@ -179,6 +177,8 @@ class SSDD(SSDDModule):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(t_pow_shift, (int, float)) or not t_pow_shift > 0 or t_pow_shift == float("inf"):
             raise ValueError(f"t_pow_shift must be a positive finite number, got {t_pow_shift!r}")
+        if tile is not None:
+            tiled.check_tile(tile)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         B, _, h, w = z.shape
@@ -192,6 +192,9 @@ class SSDD(SSDDModule):
                                  f"got {tuple(noise.shape)}")
             _check_finite("noise", noise)
         def run(m, zb, nb):
+            if tile is not None:
+                return tiled.sample(m.decoder, zb.to(m.dtype), nb, steps=steps, t_pow_shift=float(t_pow_shift),
+                                    tile=tile)
             return SSDDModule.sample(m, zb.to(m.dtype), nb, steps=steps, t_pow_shift=float(t_pow_shift))
 
         out = [self._with_fp32_fallback("decode", run, zb.to(self.device, torch.float32),
