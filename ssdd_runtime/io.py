@@ -8,6 +8,7 @@ import pickle
 import shutil
 import struct
 import tempfile
+from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Sequence
 
@@ -258,16 +259,20 @@ def save_latents(path: str | os.PathLike, z: torch.Tensor, metadata: dict | None
     if path.suffix not in (".safetensors", ".npy", ".pt"):
         raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
     z = z.detach().float().cpu().contiguous()
-    with atomic_output(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    # Serialised in memory, then written by Python: numpy's tofile() and other C writers can drop a failed write
+    # (a full disk) silently and leave a truncated file; Python's write raises.
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
 
-            save_file({"latents": z}, tmp, metadata={"ssdd": json.dumps(metadata or {})})
-        elif path.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, z.numpy(), allow_pickle=False)
+        data = save({"latents": z}, metadata={"ssdd": json.dumps(metadata or {})})
+    else:
+        buf = BytesIO()
+        if path.suffix == ".npy":
+            np.save(buf, z.numpy(), allow_pickle=False)
         else:
-            torch.save({"latents": z, "metadata": metadata or {}}, tmp)
+            torch.save({"latents": z, "metadata": metadata or {}}, buf)
+        data = buf.getvalue()
+    write_bytes_atomic(path, data)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
