@@ -437,6 +437,7 @@ def _load_images(paths, multiple_of: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def cmd_encode(args) -> int:
+    checkpoint_source(args)  # flag errors first
     out = _output_file(args.output, inputs=args.images, suffixes=(".safetensors", ".npy", ".pt"))
     model = load_model(args)
     images = _load_images(args.images, model.stride)
@@ -454,6 +455,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
+    checkpoint_source(args)
     z, meta = load_latents(args.latents)
     names = _names(meta, len(z), source=args.latents, default=Path(args.latents).stem)
     out = _output_dir(args.output)
@@ -473,6 +475,7 @@ def cmd_decode(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    checkpoint_source(args)
     out = _output_dir(args.output)
     dests = _output_paths(out, [f"{Path(p).stem}.png" for p in args.images], inputs=args.images)
     return _reconstruct(load_model(args), args.images, dests, steps=args.steps, t_pow_shift=args.t_pow_shift,
@@ -509,6 +512,7 @@ def cmd_demo(args) -> int:
 def cmd_stats(args) -> int:
     from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats
 
+    checkpoint_source(args)
     paths = list_images(args.inputs)
     out = _output_file(args.output, inputs=paths)
     model = load_model(args)
@@ -554,6 +558,7 @@ def _check_ray_paths(inputs, output: str) -> None:
 def cmd_tokenize(args) -> int:
     from ssdd_runtime.integrations.ray import tokenize
 
+    checkpoint_source(args)
     _check_ray_paths(args.inputs, args.output)
     return _print_report(tokenize(args.inputs, args.output, format=args.format, shard_size=args.shard_size,
                             image_column=args.image_column, key_column=args.key_column, **_ray_job(args)))
@@ -562,6 +567,7 @@ def cmd_tokenize(args) -> int:
 def cmd_detokenize(args) -> int:
     from ssdd_runtime.integrations.ray import detokenize
 
+    checkpoint_source(args)
     _check_ray_paths([args.latents], args.output)
     if not Path(args.latents).is_dir():
         raise NotADirectoryError(f"{args.latents} is a file, expected the folder of shards `ssdd tokenize` wrote")
@@ -577,6 +583,7 @@ def cmd_export_onnx(args) -> int:
 
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
     check_export_args(args.part, args.steps, args.opset, dtype)  # fail before loading a checkpoint
+    checkpoint_source(args)
     out = _output_file(args.output)
     model = load_model(args, device="cpu", dtype="fp32")
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
