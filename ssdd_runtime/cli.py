@@ -401,6 +401,8 @@ def _output_paths(out: Path, names: list[str], *, inputs=()) -> list[Path]:
             pass  # the input is outside the output folder
     paths = []
     for name in unique_names(names, taken=taken):
+        if "\0" in name:
+            raise ValueError(f"output name {name!r} holds a NUL character")
         dest = confined_path(out, name)
         if any(len(part.encode()) > 255 for part in dest.relative_to(out).parts):
             raise ValueError(f"output name {name!r} is too long for a file name (255 bytes per part)")

@@ -163,6 +163,8 @@ def test_bad_arguments_and_outputs_are_one_line_errors(ws):
     torch.save({"latents": torch.zeros(1, 4, 4, 4), "evil": object()}, d / "pickle.pt")
     (d / "latdir.pt").mkdir(exist_ok=True)
     io.save_latents(d / "escape.pt", torch.zeros(2, 4, 4, 4), {"names": ["../escaped", "/tmp/ssdd-abs-escape"]})
+    io.save_latents(d / "abs.pt", torch.zeros(1, 4, 4, 4), {"names": ["/tmp/ssdd-abs-escape"]})
+    io.save_latents(d / "nul.pt", torch.zeros(2, 4, 4, 4), {"names": ["ok", "bad\0name"]})
     cases = {
         # OS errors on output
         ("decode", lat, "-o", "afile"): ["-o afile is a file, expected a folder"],
@@ -203,6 +205,8 @@ def test_bad_arguments_and_outputs_are_one_line_errors(ws):
         ("decode", "pickle.pt", "-o", "dec"): ["pickled Python objects"],
         ("decode", "latdir.pt", "-o", "dec"): ["latdir.pt is a folder, expected a latents file"],
         ("decode", "escape.pt", "-o", "dec"): ["'../escaped.png' would leave the output folder"],
+        ("decode", "abs.pt", "-o", "dec"): ["'/tmp/ssdd-abs-escape.png' would leave the output folder"],
+        ("decode", "nul.pt", "-o", "dec"): ["holds a NUL character"],
         # images
         ("encode", "a", "-o", "z.pt"): ["a is a folder, expected an image file"],
         ("encode", "bomb.png", "-o", "z.pt"): ["bomb.png is refused as a possible decompression bomb"],
@@ -359,9 +363,12 @@ def test_every_output_kind_is_created_by_rename(ws, tmp_path):
     d, ck = ws
     bench = ["bench", "--models", "ssdd-XS", "--backends", "eager", "--res", "32", "--warmup", "0", "--repeats", "1",
              "--rotate", "1", "--device", "cpu", "--quiet", "--json", "r.json", "--csv", "r.csv"]
+    if importlib.util.find_spec("matplotlib"):
+        bench += ["--plot", "r.png"]
     runs = [["encode", str(d / "photo.png"), "-o", f"z{s}", *ck] for s in (".safetensors", ".npy", ".pt")]
     runs += [["decode", str(d / "lat.pt"), "-o", "dec", *ck], ["stats", str(d / "a"), "-o", "s.json", *ck], bench]
     finals = [tmp_path / n for n in ("z.safetensors", "z.npy", "z.pt", "s.json", "r.json", "r.csv")]
+    finals += [tmp_path / "r.png"] if "--plot" in bench else []
     finals += [tmp_path / "dec" / "cat.png", tmp_path / "dec" / "dog.png"]
     onnx = importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnxruntime")
     if onnx:
