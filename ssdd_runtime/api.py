@@ -1,6 +1,8 @@
 """The public `SSDD` class: loading, input validation, dtype policy, batching and noise around `SSDDModule`."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -11,10 +13,31 @@ from ssdd_runtime import optimize, tiled, weights
 from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT, randn
 
+MAX_STEPS = 10_000  # far beyond any useful Euler schedule (the paper uses 1..8); bounds runaway loops
 _FP32_LOCK = threading.Lock()  # guards the lazily built fp32 copy used by the non-finite fallback
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+def check_device(device) -> torch.device | None:
+    """`device` (None, a string or a torch.device) -> torch.device, ValueError if it is not a device this build
+    and machine can use (an unknown type, CUDA on a CPU-only build, an index beyond the devices present)."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; expected e.g. cpu, cuda, cuda:1, mps") from None
+    if d.type == "meta":
+        raise ValueError("device 'meta' holds no data: use cpu or cuda")
+    try:
+        torch.empty(0, device=d)
+    except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA", "invalid device ordinal"
+        raise ValueError(f"device {str(device)!r} is not available here: {str(e).strip().splitlines()[0]}") from None
+    return d
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -50,6 +73,7 @@ class SSDD(SSDDModule):
         Decoder-only files (the SDVAE decoders) load as decode-only models, or paired with an external encoder:
         `encoder="sdvae"` loads diffusers' `stabilityai/sd-vae-ft-mse` (with this call's `cache_dir` and
         `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
+        check_device(device)  # before reading a checkpoint
         path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
         state_dict = weights.read_state_dict(path)  # a bad file fails before the VAE is fetched
@@ -70,6 +94,7 @@ class SSDD(SSDDModule):
         dict "sdvae" / an external encoder object (`ssdd_runtime.sdvae.load_encoder()`) to pair with it."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+        device = check_device(device)
         enc, dec = weights.infer_config(state_dict)
         external = None
         if enc is None:  # decoder-only
@@ -173,9 +198,11 @@ class SSDD(SSDDModule):
             raise ValueError(f"latent must have {C} channels (B, {C}, h, w) for this "
                              f"{self.encoder_name or 'decode-only'} model, got shape {tuple(z.shape)}")
         _check_finite("latent", z)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(t_pow_shift, (int, float)) or not t_pow_shift > 0 or t_pow_shift == float("inf"):
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+        steps = int(steps)
+        if (isinstance(t_pow_shift, bool) or not isinstance(t_pow_shift, numbers.Real)
+                or not (t_pow_shift > 0 and math.isfinite(t_pow_shift))):
             raise ValueError(f"t_pow_shift must be a positive finite number, got {t_pow_shift!r}")
         if tile is not None:
             tiled.check_tile(tile)
@@ -211,15 +238,13 @@ class SSDD(SSDDModule):
         out = fn(self, *args)
         if _all_finite(out):
             return out
-        if self.dtype == torch.float32:
-            raise FloatingPointError(f"{what} produced non-finite values in fp32 from finite inputs: the result "
-                                     "overflows float32 (inputs too large for this model?) or the weights are broken")
-        warnings.warn(f"{what} in {self.dtype} produced non-finite values; retrying this batch in float32",
-                      RuntimeWarning, stacklevel=3)
-        out = fn(self._fp32_copy(), *args)
-        if not _all_finite(out):
-            raise FloatingPointError(f"{what} produced non-finite values even in float32")
-        return out
+        if self.dtype != torch.float32:
+            warnings.warn(f"{what} in {self.dtype} produced non-finite values; retrying this batch in float32",
+                          RuntimeWarning, stacklevel=3)
+            out = fn(self._fp32_copy(), *args)
+            if _all_finite(out):
+                return out
+        raise FloatingPointError(_overflow_message(what, args[0]))
 
     def _fp32_copy(self) -> SSDDModule:
         """An fp32 SSDDModule with this model's weights and kernel switches, built once on first use. It is kept
@@ -240,6 +265,18 @@ class SSDD(SSDDModule):
             return twin
 
 
+def _overflow_message(what: str, x: torch.Tensor) -> str:
+    """Why a float32 run from finite inputs gave inf/NaN: inputs far outside the trained range (SSDD latents and
+    images are O(1)) overflow the activations; from ordinary inputs it points at the weights."""
+    amax = float(x.detach().abs().max())
+    name = "latents" if what == "decode" else "images"
+    if amax > 1e3:
+        return (f"{what} overflows float32: the {name} reach |x| = {amax:.3g}, far outside the range this model "
+                f"works in (O(1); check the latents' scaling), so the result is not representable")
+    return (f"{what} produced non-finite values in float32 from {name} within |x| <= {amax:.3g}: the checkpoint "
+            "weights hold NaN/inf or overflow")
+
+
 def _all_finite(out) -> bool:
     tensors = [out.mean, out.logvar] if isinstance(out, DiagonalGaussian) else [out]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -248,6 +285,8 @@ def _all_finite(out) -> bool:
 def _check_tensor(name: str, t, rank: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta-device tensor (shape only, no data): pass a CPU or CUDA tensor")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if rank is not None and t.dim() != rank:

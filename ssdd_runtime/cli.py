@@ -8,14 +8,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from ssdd_runtime.api import SSDD
-from ssdd_runtime.io import list_images, load_image, load_latents, psnr, same_shape_batches, save_image, save_latents
+from ssdd_runtime.api import MAX_STEPS, SSDD, check_device
+from ssdd_runtime.io import (atomic_output, atomic_output_folder, confined_path, list_images, load_image,
+                             load_latents, psnr, same_shape_batches, save_image, save_latents, unique_names,
+                             write_text_atomic)
 from ssdd_runtime.sampler import T_POW_SHIFT
 
 EPILOG = ("Checkpoints: --checkpoint PATH (a local .safetensors) or --repo facebook/SSDD --filename "
@@ -54,6 +60,36 @@ class _Items(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
+def _checked(convert, ok, expected: str):
+    """An argparse `type`: convert(text), refused unless ok(value); argparse names the flag in the message."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    parse.__name__ = expected
+    return parse
+
+
+_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_steps = _checked(int, lambda v: 1 <= v <= MAX_STEPS, f"an integer in 1..{MAX_STEPS}")
+_seed = _checked(int, lambda v: 0 <= v < 2 ** 64, "an integer in 0..2**64-1")
+_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
+_nonneg_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+
+
+def _device(text: str) -> str:
+    try:
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -69,8 +105,23 @@ def _size(text: str) -> tuple[int, int]:
         raise ValueError(f"expected sizes like 256 or 256x384 (HxW), got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2, like every other error of `ssdd`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parent() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(add_help=False)
+    return _Parser(add_help=False)
+
+
+def _debug_flag() -> argparse.ArgumentParser:
+    p = _parent()
+    # `ssdd --debug CMD` or `ssdd CMD --debug`; SUPPRESS keeps the top-level value when the command has none.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on error, show the Python traceback (also SSDD_DEBUG=1)")
+    return p
 
 
 def _checkpoint_flags() -> argparse.ArgumentParser:
@@ -88,24 +139,25 @@ def _runtime_flags(*, device: bool = True) -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("runtime")
     if device:
-        g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        g.add_argument("--device", default=None, type=_device,
+                       help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights/activations dtype (default fp32)")
     return p
 
 
 def _sampler_flags(*, seed: bool = True) -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--steps", type=int, default=1, help="Euler steps (1 = single-step decoding; default 1)")
-    p.add_argument("--t-pow-shift", type=float, default=T_POW_SHIFT,
+    p.add_argument("--steps", type=_steps, default=1, help="Euler steps (1 = single-step decoding; default 1)")
+    p.add_argument("--t-pow-shift", type=_positive_float, default=T_POW_SHIFT,
                    help=f"time-grid exponent (default {T_POW_SHIFT})")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
+        p.add_argument("--seed", type=_seed, default=0, help="seed of the decoding noise (default 0)")
     return p
 
 
 def _batch_flag(default: int | None, *, per: str = "forward pass") -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--batch-size", type=int, default=default,
+    p.add_argument("--batch-size", type=_positive_int, default=default,
                    help=f"images per {per} (default {'all' if default is None else default})")
     return p
 
@@ -132,12 +184,15 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
 def build_parser() -> argparse.ArgumentParser:
     ckpt, runtime, decode, batch = _checkpoint_flags(), _runtime_flags(), _sampler_flags(), _batch_flag(None)
     model = [ckpt, runtime]
-    parser = argparse.ArgumentParser(prog="ssdd", description="SSDD image tokenizer runtime: encode images to "
-                                     "latents and decode them with the single-step diffusion decoder.")
+    parser = _Parser(prog="ssdd", description="SSDD image tokenizer runtime: encode images to "
+                     "latents and decode them with the single-step diffusion decoder.",
+                     epilog="Errors are one line on stderr with exit status 2; --debug (or SSDD_DEBUG=1) shows the "
+                            "traceback instead.")
+    parser.add_argument("--debug", action="store_true", help="on error, show the Python traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, func, helptext, *, parents=(), **kw):
-        p = sub.add_parser(name, help=helptext, parents=list(parents), **kw)
+        p = sub.add_parser(name, help=helptext, parents=[_debug_flag(), *parents], **kw)
         p.set_defaults(func=func)
         return p
 
@@ -166,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
 
     _add_export(sub.add_parser("export", help="ONNX / TensorRT / Triton Inference Server export",
+                               parents=[_debug_flag()],
                                description="Export SSDD graphs for ONNX Runtime, TensorRT and Triton."),
                 ckpt)
 
@@ -181,10 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res", action=_Items, item=_size, default=[(256, 256)],
                    help="image sizes, 256 or HxW like 256x384 (default 256)")
     p.add_argument("--channels-last", action="store_true", help="apply the channels_last transform to all models")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up calls per workload, excluded (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per workload (default 5; --quick 3)")
-    p.add_argument("--rotate", type=int, default=3, help="distinct input sets cycled through (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--warmup", type=_nonneg_int, default=1, help="warm-up calls per workload, excluded (default 1)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed calls per workload (default 5; --quick 3)")
+    p.add_argument("--rotate", type=_positive_int, default=3, help="distinct input sets cycled through (default 3)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="SSDD .safetensors (default: random weights)")
     p.add_argument("--kl-vae-checkpoint", default=None, metavar="DIR",
                    help="local diffusers AutoencoderKL folder (default: random weights)")
@@ -212,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="folders, image files or .parquet files")
     p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR)")
     p.add_argument("--format", choices=["parquet", "safetensors"], default="parquet", help="shard format")
-    p.add_argument("--shard-size", type=int, default=256, help="items per shard (default 256)")
+    p.add_argument("--shard-size", type=_positive_int, default=256, help="items per shard (default 256)")
     p.add_argument("--image-column", default="image", help="parquet column with image bytes (default image)")
     p.add_argument("--key-column", default=None, help="parquet column with unique item keys (default: row index)")
 
@@ -228,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) -> None:
     sub = export.add_subparsers(dest="export_command", metavar="TARGET", required=True)
     p = sub.add_parser("onnx", help="checkpoint -> ONNX graph (decoder or encoder)",
-                       parents=[ckpt, _sampler_flags(seed=False)], epilog=EPILOG,
+                       parents=[_debug_flag(), ckpt, _sampler_flags(seed=False)], epilog=EPILOG,
                        description="Export the decoder (latent_sample, noise -> sample; --steps Euler steps unrolled "
                                    "into the graph) or the encoder (image -> latent_mean, latent_logvar) with dynamic "
                                    "batch, height and width, then check it with onnx.checker and compare ONNX "
@@ -242,7 +300,7 @@ def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) 
     p.add_argument("--noise", choices=["input", "graph"], default="input",
                    help="decoder start noise: an input (default) or drawn inside the graph (RandomNormalLike seeded by "
                         "--seed; clients send only latent_sample; the drawn noise is a second output)")
-    p.add_argument("--seed", type=_int, default=0, help="seed of the in-graph noise (--noise graph; default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the in-graph noise (--noise graph; default 0)")
     p.add_argument("--names", choices=["ssdd", "optimum"], default="ssdd",
                    help="encoder output names: ssdd (latent_mean, latent_logvar) or optimum (latent_parameters)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
@@ -257,15 +315,16 @@ def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) 
     engine.add_argument("--opt-shape", required=True, help="e.g. 1x256x256")
     engine.add_argument("--max-shape", required=True, help="e.g. 8x512x512")
     engine.add_argument("--timing-cache", default=None, help="timing cache file (read if present, then written)")
-    engine.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
-    engine.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB")
+    engine.add_argument("--opt-level", type=_checked(int, lambda v: 0 <= v <= 5, "an integer in 0..5"), default=3,
+                        help="builder optimisation level 0..5 (default 3)")
+    engine.add_argument("--workspace-mib", type=_positive_int, default=None, help="builder workspace limit in MiB")
     shapes = ("Shapes are image sizes BxHxW in pixels (both decoder inputs follow), or trtexec's per-input form "
               "latent_sample:BxCxhxw,noise:Bx3xHxW.")
     for name, func, helptext in (("tensorrt", cmd_export_tensorrt, "ONNX -> TensorRT engine (needs a GPU + tensorrt)"),
                                  ("trtexec-cmd", cmd_export_trtexec, "print the equivalent trtexec command")):
-        sub.add_parser(name, help=helptext, parents=[engine], description=shapes).set_defaults(func=func)
+        sub.add_parser(name, help=helptext, parents=[_debug_flag(), engine], description=shapes).set_defaults(func=func)
 
-    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository",
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository", parents=[_debug_flag()],
                        description="Write <repo>/<name>/config.pbtxt and <repo>/<name>/1/model.onnx|model.plan.")
     p.add_argument("--onnx", required=True, help="graph written by `ssdd export onnx` (names the tensors)")
     p.add_argument("--engine", default=None, help="TensorRT engine built from --onnx (backend tensorrt)")
@@ -273,11 +332,12 @@ def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) 
     p.add_argument("--name", default=None, help="model name (default ssdd_<part>)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default=None,
                    help="default: tensorrt when --engine is given, else onnxruntime")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--instances", type=int, default=1, help="model instances per device (instance_group count)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=8)
+    p.add_argument("--instances", type=_positive_int, default=1,
+                   help="model instances per device (instance_group count)")
     p.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU", "KIND_AUTO"], default="KIND_GPU")
     p.add_argument("--preferred-batch-sizes", action=_Items, item=_int, default=[], help="e.g. 4 8 or 4,8")
-    p.add_argument("--max-queue-delay-us", type=int, default=100)
+    p.add_argument("--max-queue-delay-us", type=_nonneg_int, default=100)
     p.set_defaults(func=cmd_export_triton_repo)
 
 
@@ -285,12 +345,89 @@ def _ray_flags() -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("ray")
     g.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:10001); default: local")
-    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
-    g.add_argument("--concurrency", type=int, default=None,
+    g.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of a locally started Ray (default: all)")
+    g.add_argument("--concurrency", type=_positive_int, default=None,
                    help="actors, one model each (default: one per GPU, or 1 on CPU)")
-    g.add_argument("--num-gpus-per-actor", type=float, default=None,
+    g.add_argument("--num-gpus-per-actor", type=_nonneg_float, default=None,
                    help="GPUs per actor (default 1 if the cluster has GPUs, else 0 = CPU)")
     return p
+
+
+# -- outputs: checked before any work, written through io's atomic writer ------------------------------------
+
+
+def _output_file(path: str, *, inputs=(), suffixes=None, flag: str = "-o") -> Path:
+    """Check an output file path before any work: not a folder, its folder exists and is writable, not one of
+    the inputs, an allowed suffix. The file itself is written later with io.atomic_output."""
+    p = Path(path)
+    if suffixes is not None and p.suffix not in suffixes:
+        raise ValueError(f"{flag} {path}: unknown file type {p.suffix!r}; use {', '.join(suffixes)}")
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder, expected a file name")
+    folder = p.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: output folder {folder} is not writable")
+    if p.exists() and any(_same_file(p, i) for i in inputs):
+        raise ValueError(f"{flag} {path} is one of the inputs; refusing to overwrite it")
+    return p
+
+
+def _output_dir(path: str, *, flag: str = "-o") -> Path:
+    """Check (and create) an output folder before any work: not a file, creatable, writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file, expected a folder")
+    existing = next((a for a in (p, *p.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {existing} is not writable")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _same_file(a: Path, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _output_paths(out: Path, names: list[str], *, inputs=()) -> list[Path]:
+    """`out/<name>` for each name: confined to `out` (no '..', no absolute names, no symlinked folder leading
+    out), unique (deterministic -1, -2 suffixes) and never the path of an input file."""
+    root = out.resolve()
+    taken = []
+    for i in inputs:
+        try:
+            taken.append(Path(i).resolve().relative_to(root).as_posix())
+        except ValueError:
+            pass  # the input is outside the output folder
+    paths = []
+    for name in unique_names(names, taken=taken):
+        if "\0" in name:
+            raise ValueError(f"output name {name!r} holds a NUL character")
+        dest = confined_path(out, name)
+        if any(len(part.encode()) > 255 for part in dest.relative_to(out).parts):
+            raise ValueError(f"output name {name!r} is too long for a file name (255 bytes per part)")
+        if not dest.parent.resolve().is_relative_to(root):
+            raise ValueError(f"output name {name!r} leads outside the output folder {out} (through a symlink)")
+        paths.append(dest)
+    return paths
+
+
+def _names(meta: dict, count: int, *, source: str, default: str) -> list[str]:
+    """Image names stored in a latents file's metadata (validated), else `<default>_0000`, ..."""
+    names = meta.get("names")
+    if not names:
+        return [f"{default}_{i:04d}" for i in range(count)]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{source}: metadata 'names' must be a list of non-empty strings")
+    if len(names) != count:
+        raise ValueError(f"{source}: {len(names)} names in metadata for {count} latents")
+    return names
 
 
 # -- images and latents ---------------------------------------------------------------------------------------
@@ -302,52 +439,64 @@ def _progress(iterable, **kw):
     return tqdm(iterable, disable=not sys.stderr.isatty(), **kw)
 
 
+def _load_images(paths, multiple_of: int) -> list[tuple[str, torch.Tensor]]:
+    """Every input read (and checked) before any output is written."""
+    return [(p, load_image(p, multiple_of=multiple_of)) for p in paths]
+
+
 def cmd_encode(args) -> int:
+    checkpoint_source(args)  # flag errors first
+    out = _output_file(args.output, inputs=args.images, suffixes=(".safetensors", ".npy", ".pt"))
     model = load_model(args)
-    xs = [load_image(p, multiple_of=model.stride) for p in args.images]
-    shapes = {tuple(x.shape[-2:]) for x in xs}
+    images = _load_images(args.images, model.stride)
+    shapes = {tuple(x.shape[-2:]) for _, x in images}
     if len(shapes) > 1:
         raise ValueError(f"all images must have the same size to share one latents file, got sizes "
                          f"{sorted(shapes)}; encode them separately")
-    batches = same_shape_batches(zip(args.images, xs), args.batch_size)
+    batches = same_shape_batches(images, args.batch_size)
     z = torch.cat([model.encode(x).mode() for _, x in _progress(batches, desc="encode", unit="batch")])
-    save_latents(args.output, z, {"names": [Path(p).stem for p in args.images], "checkpoint": model.checkpoint,
-                                  "encoder": model.encoder_config.name, "decoder": model.decoder_config.size})
-    print(f"wrote {tuple(z.shape)} latents to {args.output}")
+    names = unique_names([Path(p).stem for p in args.images])  # a/x.png, b/x.png -> x, x-1
+    save_latents(out, z, {"names": names, "checkpoint": model.checkpoint,
+                          "encoder": model.encoder_config.name, "decoder": model.decoder_config.size})
+    print(f"wrote {tuple(z.shape)} latents to {out}")
     return 0
 
 
 def cmd_decode(args) -> int:
-    model = load_model(args)
+    checkpoint_source(args)
     z, meta = load_latents(args.latents)
-    names = meta.get("names") or [f"{Path(args.latents).stem}_{i:04d}" for i in range(len(z))]
-    if len(names) != len(z):
-        raise ValueError(f"{args.latents}: {len(names)} names in metadata for {len(z)} latents")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    names = _names(meta, len(z), source=args.latents, default=Path(args.latents).stem)
+    out = _output_dir(args.output)
+    dests = _output_paths(out, [f"{n}.png" for n in names], inputs=[args.latents])
+    model = load_model(args)
     gen = torch.Generator().manual_seed(args.seed)
     step = args.batch_size or len(z)
+    written = 0
     for i in _progress(range(0, len(z), step), desc="decode", unit="batch"):
         imgs = model.decode(z[i:i + step], steps=args.steps, t_pow_shift=args.t_pow_shift, generator=gen)
-        for name, img in zip(names[i:i + step], imgs):
-            save_image(img, out / f"{name}.png")
-    print(f"wrote {len(z)} images to {out}")
+        for dest, img in zip(dests[i:i + step], imgs):
+            dest.parent.mkdir(parents=True, exist_ok=True)  # names may hold sub-folders (confined to out)
+            save_image(img, dest)
+            written += 1
+    print(f"wrote {written} images to {out}")
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    return _reconstruct(load_model(args), args.images, Path(args.output), steps=args.steps,
-                        t_pow_shift=args.t_pow_shift, seed=args.seed, batch_size=args.batch_size)
+    checkpoint_source(args)
+    out = _output_dir(args.output)
+    dests = _output_paths(out, [f"{Path(p).stem}.png" for p in args.images], inputs=args.images)
+    return _reconstruct(load_model(args), args.images, dests, steps=args.steps, t_pow_shift=args.t_pow_shift,
+                        seed=args.seed, batch_size=args.batch_size)
 
 
-def _reconstruct(model, paths, out: Path, *, steps=1, t_pow_shift=T_POW_SHIFT, seed=0, batch_size=None) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    images = [(p, load_image(p, multiple_of=model.stride)) for p in paths]  # all readable before any output
+def _reconstruct(model, paths, dests: list[Path], *, steps=1, t_pow_shift=T_POW_SHIFT, seed=0,
+                 batch_size=None) -> int:
+    images = [((p, d), x) for (p, x), d in zip(_load_images(paths, model.stride), dests)]  # all read first
     gen = torch.Generator().manual_seed(seed)
     for group, x in _progress(same_shape_batches(images, batch_size), desc="reconstruct", unit="batch"):
         y = model.decode(model.encode(x).mode(), steps=steps, t_pow_shift=t_pow_shift, generator=gen)
-        for path, yi, db in zip(group, y, psnr(x, y)):
-            dest = out / f"{Path(path).stem}.png"
+        for (path, dest), yi, db in zip(group, y, psnr(x, y)):
             save_image(yi, dest)
             print(f"{path}: PSNR {db:.2f} dB -> {dest}")
     return 0
@@ -358,26 +507,30 @@ def cmd_demo(args) -> int:
 
     from ssdd_runtime.testing import test_state_dict
 
+    out = _output_dir(args.output)
     print("ssdd demo: SSDD-S (f8c4) with deterministic *test* weights, 1-step decode, CPU. The test weights "
           "are not trained,\nso the reconstruction is noise: this checks the pipeline runs offline. Real "
           "weights come from the Hub:\n  ssdd reconstruct IMG.png -o out --repo facebook/SSDD --filename "
           "F8C4/F8C4_M_256.safetensors")
     model = SSDD.from_state_dict(test_state_dict("f8c4", "S"), device="cpu")
     sample = str(files("ssdd_runtime") / "assets" / "sample.png")
-    return _reconstruct(model, [sample], Path(args.output))
+    return _reconstruct(model, [sample], _output_paths(out, ["sample.png"], inputs=[sample]))
 
 
 def cmd_stats(args) -> int:
     from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats
 
+    checkpoint_source(args)
+    paths = list_images(args.inputs)
+    out = _output_file(args.output, inputs=paths)
     model = load_model(args)
-    stats = compute_latent_stats(model, list_images(args.inputs), batch_size=args.batch_size)
+    stats = compute_latent_stats(model, paths, batch_size=args.batch_size)
     if model.checkpoint:
         stats["checkpoint"] = checkpoint_id(model.checkpoint)
-    Path(args.output).write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    write_text_atomic(out, json.dumps(stats, indent=1))
     print(f"{stats['num_images']} images ({stats['num_errors']} unreadable): latent mean {stats['mean']:.6g}, "
           f"std {stats['std']:.6g} -> scaling_factor {stats['scaling_factor']:.6g}, shift_factor "
-          f"{stats['shift_factor']:.6g}; wrote {args.output}")
+          f"{stats['shift_factor']:.6g}; wrote {out}")
     for path, err in stats["errors"].items():
         print(f"  skipped {path}: {err}", file=sys.stderr)
     return 0
@@ -400,9 +553,21 @@ def _print_report(report) -> int:
     return 1 if report.failed else 0  # the job finished and its outputs are written; 1 flags failed items
 
 
+def _check_ray_paths(inputs, output: str) -> None:
+    """Up front, before Ray starts: the inputs exist and -o can be the output folder."""
+    for src in inputs:
+        if not Path(src).exists():
+            raise FileNotFoundError(f"input not found: {src}")
+    p = Path(output)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"-o {output} is a file, expected a folder")
+
+
 def cmd_tokenize(args) -> int:
     from ssdd_runtime.integrations.ray import tokenize
 
+    checkpoint_source(args)
+    _check_ray_paths(args.inputs, args.output)
     return _print_report(tokenize(args.inputs, args.output, format=args.format, shard_size=args.shard_size,
                             image_column=args.image_column, key_column=args.key_column, **_ray_job(args)))
 
@@ -410,6 +575,10 @@ def cmd_tokenize(args) -> int:
 def cmd_detokenize(args) -> int:
     from ssdd_runtime.integrations.ray import detokenize
 
+    checkpoint_source(args)
+    _check_ray_paths([args.latents], args.output)
+    if not Path(args.latents).is_dir():
+        raise NotADirectoryError(f"{args.latents} is a file, expected the folder of shards `ssdd tokenize` wrote")
     return _print_report(detokenize(args.latents, args.output, steps=args.steps, t_pow_shift=args.t_pow_shift,
                               seed=args.seed, **_ray_job(args)))
 
@@ -423,18 +592,27 @@ def cmd_export_onnx(args) -> int:
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
     check_export_args(args.part, args.steps, args.opset, dtype, noise=args.noise, names=args.names,
                       seed=args.seed)  # fail before loading a checkpoint
+    checkpoint_source(args)
+    out = _output_file(args.output)
     model = load_model(args, device="cpu", dtype="fp32")
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    path = export_onnx(model, args.output, part=args.part, steps=args.steps, opset=args.opset, dtype=dtype,
-                       t_pow_shift=args.t_pow_shift, external_data=external, noise=args.noise, seed=args.seed,
-                       names=args.names)
-    print(f"wrote {path} (onnx.checker passed)")
-    if not args.no_verify:
-        F = model.stride
-        for row in verify_onnx(model, path, latent_sizes=((8, 8), (8, 12))):
-            h, w = row["shape"][-2:]
-            size = f"{h}x{w}" if args.part == "encoder" else f"{h * F}x{w * F}"
-            print(f"ONNX Runtime (CPU) vs PyTorch fp32 at {size}: max abs error {row['max_abs']:.3e}")
+    # Export (graph + any <name>.data) into a temp folder next to -o, verify there, then rename into place:
+    # a failed or interrupted export leaves no graph under the final name.
+    with atomic_output_folder(out.parent, last=out.name) as tmp:
+        path = export_onnx(model, tmp / out.name, part=args.part, steps=args.steps, opset=args.opset, dtype=dtype,
+                           t_pow_shift=args.t_pow_shift, external_data=external, noise=args.noise,
+                           seed=args.seed, names=args.names)
+        rows = [] if args.no_verify else verify_onnx(model, path, latent_sizes=((8, 8), (8, 12)))
+        bad = [r for r in rows if not math.isfinite(r["max_abs"])]
+        if bad:
+            raise FloatingPointError(f"the exported graph gives non-finite outputs at {bad[0]['shape']} "
+                                     "(ONNX Runtime vs PyTorch); nothing written")
+    print(f"wrote {out} (onnx.checker passed)")
+    F = model.stride
+    for row in rows:
+        h, w = row["shape"][-2:]
+        size = f"{h}x{w}" if args.part == "encoder" else f"{h * F}x{w * F}"
+        print(f"ONNX Runtime (CPU) vs PyTorch fp32 at {size}: max abs error {row['max_abs']:.3e}")
     return 0
 
 
@@ -457,8 +635,11 @@ def cmd_export_trtexec(args) -> int:
 def cmd_export_tensorrt(args) -> int:
     from ssdd_runtime.export.tensorrt import build_engine
 
-    path = build_engine(args.onnx, args.engine, **_engine_options(args))
-    print(f"wrote {path} and {path}.json")
+    out = _output_file(args.engine, inputs=[args.onnx], flag="--engine")
+    options = _engine_options(args)
+    with atomic_output_folder(out.parent, last=out.name) as tmp:  # the engine and its .json, renamed at the end
+        build_engine(args.onnx, tmp / out.name, **options)
+    print(f"wrote {out} and {out}.json")
     return 0
 
 
@@ -466,6 +647,8 @@ def cmd_export_triton_repo(args) -> int:
     from ssdd_runtime.export.onnx import read_metadata
     from ssdd_runtime.export.triton_repo import write_triton_repo
 
+    if Path(args.repo).exists() and not Path(args.repo).is_dir():
+        raise NotADirectoryError(f"--repo {args.repo} is a file, expected a folder")
     backend = args.backend or ("tensorrt" if args.engine else "onnxruntime")
     name = args.name or f"ssdd_{read_metadata(args.onnx).get('ssdd.part', 'model')}"
     model_dir = write_triton_repo(args.repo, onnx_path=args.onnx, engine_path=args.engine, name=name,
@@ -495,9 +678,11 @@ def cmd_bench(args) -> int:
                      channels_last=args.channels_last, checkpoint=args.checkpoint,
                      kl_vae_checkpoint=args.kl_vae_checkpoint, kl_vae_config=args.kl_vae_config)
     cfg.validate()  # unknown model/backend/dtype: one-line error before anything heavy
+    check_device(cfg.device)
+    outputs = [(_output_file(path, flag=flag), write) for path, flag, write in (
+        (args.json, "--json", run.write_json), (args.csv, "--csv", run.write_csv), (args.plot, "--plot", report.plot))
+        if path]
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
 
     def echo(line: str) -> None:
@@ -509,20 +694,65 @@ def cmd_bench(args) -> int:
     print(report.table(result))
     for note in result["notes"]:
         print(f"note: {note}")
-    for path, write in ((args.json, run.write_json), (args.csv, run.write_csv), (args.plot, report.plot)):
-        if path:
-            write(result, path)
-            print(f"wrote {path}")
+    for path, write in outputs:  # the writers are benchmarks/'; the atomic rename is ours
+        with atomic_output(path) as tmp:
+            write(result, str(tmp))
+        print(f"wrote {path}")
     return 0 if result["results"] else 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so io.atomic_output removes its temp files on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+# Errors the command line reports as one line: bad input (ValueError/TypeError), files and devices (OSError,
+# ImportError for missing extras), numerics (FloatingPointError), torch/runtime faults (out of memory, a device
+# that fails mid-run: RuntimeError, MemoryError). PIL's DecompressionBombError is not an OSError: see _pil_errors.
+REPORTED = (ValueError, TypeError, OSError, ImportError, FloatingPointError, RuntimeError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("SSDD_DEBUG", "") not in ("", "0")
+    # Ray installs its own signal handling in the driver; signal handlers can only be set from the main thread.
+    own_signals = (args.command not in ("tokenize", "detokenize")
+                   and threading.current_thread() is threading.main_thread())
+    previous = signal.signal(signal.SIGTERM, _interrupt) if own_signals else None
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as e:
-        print(f"ssdd {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"ssdd {args.command}: interrupted ({signal.Signals(signum).name}); completed outputs are kept, "
+              "no partial file is left", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        if debug or not isinstance(e, REPORTED + _pil_errors()):
+            raise
+        print(f"ssdd {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _pil_errors() -> tuple:
+    image = sys.modules.get("PIL.Image")
+    return (image.DecompressionBombError,) if image is not None else ()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import shutil
+import struct
 import tempfile
+from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Sequence
 
@@ -73,7 +77,8 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = True) -> Iterato
         raise IsADirectoryError(f"output path is a folder, expected a file: {path}")
     if not overwrite and path.exists():
         raise FileExistsError(f"output file exists: {path}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    # The temp name keeps the suffix, so writers that pick the format from it (PIL, matplotlib) still can.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=folder)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -86,6 +91,28 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = True) -> Iterato
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_output_folder(folder: str | os.PathLike, *, last: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder inside `folder` for writers that produce several files by name (an ONNX graph
+    and its `.data`); on success fsync every file in it and rename each into `folder`, `last` (the file that
+    names the others) last. On any error the temporary folder is removed and `folder` is untouched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    tmp = Path(tempfile.mkdtemp(prefix=".ssdd-", suffix=".tmp", dir=folder))
+    try:
+        yield tmp
+        files = sorted((f for f in tmp.iterdir() if f.is_file()), key=lambda f: (f.name == last, f.name))
+        for f in files:
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~_umask())
+        for f in files:
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -112,12 +139,13 @@ def confined_path(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir, *p.parts)
 
 
-def unique_names(names: Sequence[str]) -> list[str]:
+def unique_names(names: Sequence[str], taken: Iterable[str] = ()) -> list[str]:
     """Deterministic collision-free names: the first use of a name keeps it; later uses (compared
     case-insensitively, as on case-insensitive file systems) get `-1`, `-2`, ... before the suffix, skipping any
-    name that is taken or that another input asks for."""
+    name that is taken or that another input asks for. Names in `taken` (inputs living in the output folder) are
+    never given out."""
     wanted = {n.lower() for n in names}
-    used: set[str] = set()
+    used: set[str] = {t.lower() for t in taken}
     out = []
     for n in names:
         cand, k = n, 0
@@ -153,7 +181,19 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def pil_to_tensor(image) -> torch.Tensor:
-    """A PIL image -> (1, 3, H, W) in [-1, 1] (converted to RGB)."""
+    """A PIL image -> (1, 3, H, W) in [-1, 1]: EXIF orientation applied, then RGB. High-bit-depth modes keep their
+    range: 16-bit integer ("I;16*", "I") scales 0..65535, float ("F") is taken as 0..1 (clipped), gray copied to
+    RGB; PIL's own convert("RGB") would saturate the former and blacken the latter."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{image.mode} image contains non-finite pixel values")
+        a = np.clip(a / (1.0 if image.mode == "F" else 65535.0), 0.0, 1.0)
+        x = torch.from_numpy(a).float()[None, None].expand(1, 3, *a.shape).contiguous()
+        return x * 2.0 - 1.0
     return uint8_to_tensor(np.asarray(image.convert("RGB")))
 
 
@@ -165,16 +205,24 @@ def tensor_to_pil(x: torch.Tensor) -> list:
 
 def load_image(path: str | os.PathLike, *, multiple_of: int = 1) -> torch.Tensor:
     """Read an image file -> (1, 3, H, W) in [-1, 1]. With multiple_of > 1, center-crop H and W down to
-    multiples of it (the encoder needs multiples of its stride)."""
+    multiples of it (the encoder needs multiples of its stride). Every unreadable file (not an image, truncated,
+    a decompression bomb beyond PIL's pixel limit, a folder) raises FileNotFoundError or ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
             x = pil_to_tensor(im)
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} is refused as a possible decompression bomb: {e}") from e
+    except PermissionError as e:
+        raise PermissionError(f"cannot read {path}: permission denied") from e
+    # What Pillow raises on corrupt or truncated files besides OSError (broken chunks, short headers).
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, struct.error, ValueError) as e:
         raise ValueError(f"{path} is not a readable image: {e}") from e
     return center_crop(x, multiple_of, name=str(path))
 
@@ -211,31 +259,53 @@ def save_latents(path: str | os.PathLike, z: torch.Tensor, metadata: dict | None
     if path.suffix not in (".safetensors", ".npy", ".pt"):
         raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
     z = z.detach().float().cpu().contiguous()
-    with atomic_output(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    # Serialised in memory, then written by Python: numpy's tofile() and other C writers can drop a failed write
+    # (a full disk) silently and leave a truncated file; Python's write raises.
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
 
-            save_file({"latents": z}, tmp, metadata={"ssdd": json.dumps(metadata or {})})
-        elif path.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, z.numpy(), allow_pickle=False)
+        data = save({"latents": z}, metadata={"ssdd": json.dumps(metadata or {})})
+    else:
+        buf = BytesIO()
+        if path.suffix == ".npy":
+            np.save(buf, z.numpy(), allow_pickle=False)
         else:
-            torch.save({"latents": z, "metadata": metadata or {}}, tmp)
+            torch.save({"latents": z, "metadata": metadata or {}}, buf)
+        data = buf.getvalue()
+    write_bytes_atomic(path, data)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
-    """Read latents written by `save_latents` (or any file holding one (B, C, h, w) float tensor)."""
+    """Read latents written by `save_latents` (or any file holding one (B, C, h, w) floating-point tensor, B >= 1)
+    -> (fp32 tensor, metadata). Integer, bool and complex tensors are refused, not cast."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, expected a latents file (.safetensors, .npy or .pt)")
     if not path.is_file():
         raise FileNotFoundError(f"latent file not found: {path}")
     if path.suffix not in (".safetensors", ".npy", ".pt"):
         raise ValueError(f"unknown latent file type {path.suffix!r}; use .safetensors, .npy or .pt")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read {path}: permission denied")
+    if path.stat().st_size == 0:
+        raise ValueError(f"could not read latents from {path}: the file is empty (0 bytes)")
     try:
         z, meta = _read_latents(path)
-    except Exception as e:  # format-level failures of the three readers: name the file
-        raise ValueError(f"could not read latents from {path}: {e}") from e
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a pickled object
+        raise ValueError(f"could not read latents from {path}: it holds pickled Python objects, which are not "
+                         "loaded (no code runs from a latents file); save only tensors: torch.save({'latents': "
+                         "z, 'metadata': {...}})") from e
+    except Exception as e:  # format-level failures of the three readers: name the file, keep the first line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not read latents from {path}: {reason}") from e
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
         raise ValueError(f"{path}: expected a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
+    if not z.is_floating_point():
+        raise ValueError(f"{path}: latents must be floating point, got {z.dtype} (not cast: it would change values)")
+    if z.numel() == 0:
+        raise ValueError(f"{path}: no latents (shape {tuple(z.shape)})")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: metadata must be a dict, got {type(meta).__name__}")
     return z.float(), meta
 
 

@@ -118,8 +118,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, expected a .safetensors checkpoint file (or pass filename=)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not os.access(path, os.R_OK):  # safetensors would report this as "No such file or directory"
+        raise PermissionError(f"cannot read checkpoint {path}: permission denied")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise ValueError(f"{path} is not a .safetensors file; SSDD checkpoints are loaded from safetensors only "
                          "(no pickle)")

@@ -1,4 +1,7 @@
 """Every bad input gets a specific ValueError/TypeError/FileNotFoundError naming what was expected and what came."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,8 +26,12 @@ def test_latents_of_wrong_type(s_model):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(steps=0), "steps must be an integer in 1..10000, got 0"),
     (dict(steps=1.5), "steps must be an integer"),
+    (dict(steps=True), "steps must be an integer"),
+    (dict(steps=2 ** 62), "steps must be an integer in 1..10000, got 4611686018427387904"),
+    (dict(t_pow_shift=True), "t_pow_shift must be a positive finite number, got True"),
+    (dict(t_pow_shift=float("nan")), "t_pow_shift must be a positive"),
     (dict(noise=torch.zeros(1, 3, 16, 16)), r"noise must have shape \(1, 3, 32, 32\) .* got \(1, 3, 16, 16\)"),
     (dict(noise=torch.full((1, 3, 32, 32), float("inf"))), "noise contains 3072 non-finite"),
     (dict(t_pow_shift=-1.0), "t_pow_shift must be a positive"),
@@ -33,6 +40,41 @@ def test_latents_of_wrong_type(s_model):
 def test_bad_decode_arguments(s_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         s_model.decode(torch.zeros(1, 4, 4, 4), **kwargs)
+
+
+def test_numpy_numbers_are_accepted(s_model):
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    out = s_model.decode(torch.zeros(1, 4, 4, 4), steps=np.int64(2), t_pow_shift=np.float32(1.5), generator=gen)
+    ref = s_model.decode(torch.zeros(1, 4, 4, 4), steps=2, t_pow_shift=1.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, ref)
+
+
+def test_meta_tensors_are_refused(s_model):
+    with pytest.raises(ValueError, match="latent is a meta-device tensor"):
+        s_model.decode(torch.zeros(1, 4, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="image is a meta-device tensor"):
+        s_model.encode(torch.zeros(1, 3, 32, 32, device="meta"))
+
+
+def test_huge_finite_latents_say_the_result_overflows(s_model):
+    with pytest.raises(FloatingPointError, match=r"decode overflows float32: the latents reach \|x\| = 3e\+38") as e:
+        s_model.decode(torch.full((1, 4, 4, 4), 3e38), generator=torch.Generator().manual_seed(0))
+    assert "weights" not in str(e.value)
+
+
+@pytest.mark.parametrize("device,match", [
+    ("bogus", "unknown device 'bogus'"),
+    ("meta", "device 'meta' holds no data"),
+    *([] if torch.cuda.is_available() else [("cuda", "device 'cuda' is not available here")]),
+    (3, "device must be a string or torch.device"),
+])
+def test_bad_devices(make_checkpoint, device, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SSDD.from_pretrained(make_checkpoint("f8c4", "S", 0), device=device)
+    with pytest.raises((ValueError, TypeError), match=match):
+        SSDD.from_state_dict({}, device=device)  # the device is checked before the weights
 
 
 def test_bad_generator(s_model):
@@ -56,6 +98,18 @@ def test_missing_file(tmp_path):
         SSDD.from_pretrained(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         SSDD.from_pretrained(tmp_path, "nope.safetensors")
+
+
+def test_folder_and_unreadable_checkpoint(tmp_path, make_checkpoint, monkeypatch):
+    from ssdd_runtime import weights
+
+    with pytest.raises(ValueError, match="is a folder, expected a .safetensors checkpoint file"):
+        weights.read_state_dict(tmp_path)
+    path = make_checkpoint("f8c4", "S", 0)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path else real(p, mode, **kw))
+    with pytest.raises(PermissionError, match=f"cannot read checkpoint {path}: permission denied"):
+        SSDD.from_pretrained(path)
 
 
 def test_not_safetensors_and_truncated(tmp_path, make_checkpoint):

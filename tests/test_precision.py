@@ -85,3 +85,57 @@ def test_channels_last_inputs(s_model):
     z_cl = z.contiguous(memory_format=torch.channels_last)
     out = s_model.decode(z_cl, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, s_model.decode(z, generator=torch.Generator().manual_seed(1)), atol=1e-5, rtol=0)
+
+
+def test_fp32_retry_gets_the_fp32_latents(weights):
+    """Latents beyond fp16's 65504 are inf once cast: the fp16 run fails, and the fp32 retry must be fed the
+    caller's fp32 latents (which the fp32 model decodes to finite images), not the fp16 casts."""
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 1e5
+    model = SSDD.from_state_dict(weights, dtype="fp16")
+    with pytest.warns(RuntimeWarning, match="retrying this batch in float32"):
+        out = model.decode(z, generator=torch.Generator().manual_seed(1))
+    fp16_weights_in_fp32 = SSDD.from_state_dict({k: v.half().float() for k, v in weights.items()})
+    ref = fp16_weights_in_fp32.decode(z, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert model.dtype == torch.float16 and "_fp32_twin" not in dict(model.named_modules())
+
+
+def test_shared_fp16_model_with_a_fallback_batch_matches_serial(weights):
+    """Four threads share one fp16 model; one batch (latents beyond fp16 range) falls back to fp32. No thread
+    may fail (the shared model is never cast in place) and every result equals the serial one."""
+    import threading
+    import warnings
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(1, 4, 2, 2, generator=gen) for _ in range(4)]
+    batches[2] = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 1e5  # finite in fp32
+
+    def run(model, i):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return model.decode(batches[i], generator=torch.Generator().manual_seed(i))
+
+    serial_model = SSDD.from_state_dict(weights, dtype="fp16")
+    serial = [run(serial_model, i) for i in range(len(batches))]
+    shared = SSDD.from_state_dict(weights, dtype="fp16")  # fresh: the fp32 copy is built inside a thread
+    results, errors = {}, []
+    start = threading.Barrier(4)
+
+    def worker(k):
+        start.wait()
+        try:
+            results[k] = run(shared, k)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert shared.dtype == torch.float16 and all(p.dtype == torch.float16 for p in shared.parameters())
+    for i, ref in enumerate(serial):
+        assert torch.isfinite(results[i]).all()
+        torch.testing.assert_close(results[i], ref, atol=0, rtol=0, msg=f"batch {i}")
