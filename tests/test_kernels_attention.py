@@ -3,7 +3,7 @@ import pytest
 import torch
 from _kernel_checks import DEVICE, DTYPES, assert_three_way, requires_triton
 
-from ssdd_runtime.kernels import attention
+from ssdd_runtime.kernels import _dispatch, attention
 
 pytestmark = requires_triton
 
@@ -69,7 +69,7 @@ def test_dispatch_rules():
 
 
 def test_forced_triton_on_cpu_without_interpreter_errors(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
     q, k, v, table = make(1, 4, (4, 4), 24, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         attention.window_attention(q.cpu(), k.cpu(), v.cpu(), table.cpu(), (4, 4), use_triton=True)
