@@ -48,65 +48,92 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Which launches a decode makes
 
 
-def decoder_launches(size: str, grid: tuple[int, int], dtype: torch.dtype, *, channels_last: bool,
-                     batch: int = 1, stride: int = 8) -> list[tuple[str, Launch]]:
-    """(op, Launch) of every fused-op call of one decoder evaluation of decoder `size` on a latent grid `grid`
-    (image = stride * grid), as the CUDA launchers would issue them. Unsupported inputs (the dispatcher would
-    run the reference) make no launch."""
+@functools.lru_cache(maxsize=16)
+def _meta_decoder(size: str, channels_last: bool, stride: int):
     from ssdd_runtime import optimize
     from ssdd_runtime.model import UViTDecoder, decoder_config
 
-    cfg = decoder_config(size)
     with torch.device("meta"):
-        model = UViTDecoder(cfg, stride=stride).to(dtype)
+        model = UViTDecoder(decoder_config(size), stride=stride)
     if channels_last:
         optimize.channels_last(model)
-    optimize.use_kernels(model, False)  # the recorder below stands in for the dispatch functions
-    out: list[tuple[str, Launch]] = []
+    return optimize.use_kernels(model, False)
 
-    def attn(q, k, v, table, grid, *, use_triton=None):
-        if attention._window_attention_unsupported(q, k, v, table, grid) is not None:
-            return attention.window_attention_ref(q, k, v, table, grid)
-        o, launches = attention.window_attention_launches(q, k, v, table, list(grid), interpreter=False)
-        out.extend(("window_attention", ln) for ln in launches)
-        return o
 
-    def gn(x, num_groups, eps, *, weight=None, bias=None, ctx_mod=None, time_mod=None, silu=False,
-           use_triton=None):
-        if group_norm._ada_group_norm_unsupported(x, num_groups, weight, bias, ctx_mod, time_mod) is not None:
-            return group_norm.ada_group_norm_ref(x, num_groups, eps, weight=weight, bias=bias, ctx_mod=ctx_mod,
-                                                 time_mod=time_mod, silu=silu)
-        y, launches = group_norm.ada_group_norm_launches(x, num_groups, float(eps), weight, bias, ctx_mod,
-                                                         time_mod, bool(silu), interpreter=False)
-        out.extend(("ada_group_norm", ln) for ln in launches)
-        return y
+@functools.lru_cache(maxsize=256)
+def decoder_calls(size: str, grid: tuple[int, int], *, channels_last: bool, batch: int = 1,
+                  stride: int = 8) -> tuple:
+    """(op, args, kwargs) of every fused-op call of one fp32 decoder evaluation on meta tensors, as model.py
+    makes them through the `ssdd_runtime.kernels` namespace (recorded for the duration of the trace only; never
+    a way to swap an implementation at run time). Shapes and strides do not depend on the dtype."""
+    model = _meta_decoder(size, channels_last, stride)
+    calls = []
 
-    def ada_ln(x, mod, grid, eps, *, use_triton=None):
-        if layer_norm._layer_norm_unsupported(x, mod, grid, None, None) is not None:
-            return layer_norm.ada_layer_norm_ref(x, mod, grid, eps)
-        y, launches = layer_norm.layer_norm_launches(x, None, None, mod, list(grid), float(eps), interpreter=False)
-        out.extend(("ada_layer_norm", ln) for ln in launches)
-        return y
+    def cl(a):  # meta convolutions do not propagate channels_last; CUDA's (cuDNN) do, so 4-D activations are NHWC
+        return a.to(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
 
-    def affine_ln(x, weight, bias, eps, *, use_triton=None):
-        if layer_norm._layer_norm_unsupported(x, None, None, weight, bias) is not None:
-            return layer_norm.affine_layer_norm_ref(x, weight, bias, eps)
-        y, launches = layer_norm.layer_norm_launches(x, weight, bias, None, [1, x.shape[1]], float(eps),
-                                                     interpreter=False)
-        out.extend(("affine_layer_norm", ln) for ln in launches)
-        return y
+    def recorder(op, ref):
+        def record(*args, **kwargs):
+            if channels_last:
+                args, kwargs = tuple(map(cl, args)), {k: cl(v) for k, v in kwargs.items()}
+            calls.append((op, args, kwargs))
+            return ref(*args, **{k: v for k, v in kwargs.items() if k != "use_triton"})
+        return record
 
-    H, W = stride * grid[0], stride * grid[1]
+    z_dim = model.cfg.z_dim
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty(batch, 3, H, W, device="meta", dtype=dtype).to(memory_format=fmt)
-    z = torch.empty(batch, cfg.z_dim, grid[0] * 8 // stride, grid[1] * 8 // stride, device="meta",
-                    dtype=dtype).to(memory_format=fmt)
-    t = torch.empty(batch, device="meta", dtype=dtype)
-    # the tracer records the calls model.py makes through the `ssdd_runtime.kernels` namespace (never used to
-    # swap an implementation at run time)
-    with mock.patch.multiple(kernels_ns, window_attention=attn, ada_group_norm=gn, ada_layer_norm=ada_ln,
-                             affine_layer_norm=affine_ln), torch.no_grad():
+    x = torch.empty(batch, 3, stride * grid[0], stride * grid[1], device="meta").to(memory_format=fmt)
+    z = torch.empty(batch, z_dim, grid[0] * 8 // stride, grid[1] * 8 // stride, device="meta").to(memory_format=fmt)
+    t = torch.empty(batch, device="meta")
+    with mock.patch.multiple(kernels_ns,
+                             window_attention=recorder("window_attention", attention.window_attention_ref),
+                             ada_group_norm=recorder("ada_group_norm", group_norm.ada_group_norm_ref),
+                             ada_layer_norm=recorder("ada_layer_norm", layer_norm.ada_layer_norm_ref),
+                             affine_layer_norm=recorder("affine_layer_norm", layer_norm.affine_layer_norm_ref)), \
+            torch.no_grad():
         model(x, t, z)
+    return tuple(calls)
+
+
+def _as(a, dtype):
+    """A meta tensor of `a`'s shape and strides in `dtype` (floating tensors only)."""
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return torch.empty_strided(a.shape, a.stride(), dtype=dtype, device="meta")
+    return a
+
+
+def decoder_launches(size: str, grid: tuple[int, int], dtype: torch.dtype, *, channels_last: bool,
+                     batch: int = 1, stride: int = 8) -> list[tuple[str, Launch]]:
+    """(op, Launch) of every fused-op call of one decoder evaluation of decoder `size` in `dtype` on a latent
+    grid `grid` (image = stride * grid), as the CUDA launchers would issue them: each call goes through the
+    op's `*_launches` function with interpreter=False. Unsupported inputs (the dispatcher would run the
+    reference) make no launch."""
+    out: list[tuple[str, Launch]] = []
+    for op, args, kwargs in decoder_calls(size, tuple(grid), channels_last=channels_last, batch=batch,
+                                          stride=stride):
+        args = [_as(a, dtype) for a in args]
+        kw = {k: _as(v, dtype) for k, v in kwargs.items() if k != "use_triton"}
+        if op == "window_attention":
+            q, k, v, table, g = args
+            if attention._window_attention_unsupported(q, k, v, table, g) is None:
+                out += [(op, ln) for ln in attention.window_attention_launches(q, k, v, table, list(g),
+                                                                               interpreter=False)[1]]
+        elif op == "ada_group_norm":
+            x, groups, eps = args
+            w, b, cm, tm = (kw.get(n) for n in ("weight", "bias", "ctx_mod", "time_mod"))
+            if group_norm._ada_group_norm_unsupported(x, groups, w, b, cm, tm) is None:
+                out += [(op, ln) for ln in group_norm.ada_group_norm_launches(
+                    x, groups, float(eps), w, b, cm, tm, bool(kw.get("silu", False)), interpreter=False)[1]]
+        elif op == "ada_layer_norm":
+            x, mod, g, eps = args
+            if layer_norm._layer_norm_unsupported(x, mod, g, None, None) is None:
+                out += [(op, ln) for ln in layer_norm.layer_norm_launches(x, None, None, mod, list(g), float(eps),
+                                                                          interpreter=False)[1]]
+        else:  # affine_layer_norm
+            x, w, b, eps = args
+            if layer_norm._layer_norm_unsupported(x, None, None, w, b) is None:
+                out += [(op, ln) for ln in layer_norm.layer_norm_launches(x, w, b, None, [1, x.shape[1]],
+                                                                          float(eps), interpreter=False)[1]]
     return out
 
 
@@ -138,7 +165,25 @@ def _mock_arg(a):
 _BINDERS: dict = {}
 
 
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return ("T", a.dtype)
+    return (type(a).__name__, a)
+
+
 def specialize(launch: Launch, arch: int):
+    """Memoised on what the binder reads: tensor dtypes, integer values, constexprs, options."""
+    key = (launch.kernel, tuple(map(_arg_key, launch.args)), tuple(sorted(launch.constexprs.items())),
+           launch.num_warps, launch.num_stages, arch)
+    if key not in _SPECIALIZED:
+        _SPECIALIZED[key] = _specialize(launch, arch)
+    return _SPECIALIZED[key]
+
+
+_SPECIALIZED: dict = {}
+
+
+def _specialize(launch: Launch, arch: int):
     """(fn, target, source, options) for `launch` on sm_<arch>, through the JIT's own binder (the same
     signature, constexprs and divisibility attributes a real launch gets)."""
     from triton.backends.compiler import GPUTarget
@@ -249,13 +294,17 @@ def _traced(size, grid, dtype_name, channels_last, batch):
     return decoder_launches(size, grid, _dtype(dtype_name), channels_last=channels_last, batch=batch)
 
 
-def _enumerate(case, archs):
-    """[(key, case, index, arch, op)] of one traced case (size, grid, dtype name, channels_last, batch)."""
+def _enumerate(trace, dtypes, archs):
+    """[(key, case, index, arch, op)] of one trace (size, grid, channels_last, batch) in each dtype; a case is
+    (size, grid, dtype name, channels_last, batch)."""
+    size, grid, channels_last, batch = trace
     out = []
-    for i, (op, launch) in enumerate(_traced(*case)):
-        for arch in archs:
-            fn, target, src, options = specialize(launch, arch)
-            out.append((_cache_key(fn, target, src, options), case, i, arch, op))
+    for dtype in dtypes:
+        case = (size, grid, dtype, channels_last, batch)
+        for i, (op, launch) in enumerate(_traced(*case)):
+            for arch in archs:
+                fn, target, src, options = specialize(launch, arch)
+                out.append((_cache_key(fn, target, src, options), case, i, arch, op))
     return out
 
 
@@ -286,9 +335,11 @@ def check(sizes=SIZES, grids=GRIDS, dtypes=DTYPES, batches=(1, 32), archs=ARCHS,
     if INTERPRETED:
         raise RuntimeError("the ahead-of-time compile needs compiled (not interpreted) kernels: unset "
                            "TRITON_INTERPRET")
-    cases = [(size, tuple(grid), str(dtype).removeprefix("torch."), cl, batch) for size in sizes for grid in grids
-             for dtype in dtypes for cl in (False, True) for batch in batches]
-    found = [x for items in _map(functools.partial(_enumerate, archs=archs), cases, jobs) for x in items]
+    traces = [(size, tuple(grid), cl, batch) for size in sizes for grid in grids for cl in (False, True)
+              for batch in batches]
+    names = tuple(str(dtype).removeprefix("torch.") for dtype in dtypes)
+    found = [x for items in _map(functools.partial(_enumerate, dtypes=names, archs=archs), traces, jobs)
+             for x in items]
     uses: dict[str, list] = {}
     first: dict[str, tuple] = {}
     for key, case, i, arch, op in found:
@@ -316,3 +367,43 @@ def expected_mma(result: dict) -> str | None:
             and result["constexprs"]["TQ_H"] * result["constexprs"]["TQ_W"] % 64 == 0:
         return "HGMMA"
     return "HMMA"
+
+
+def problems(records: list[dict]) -> list[str]:
+    """What the gate rejects: compile errors, any spill, a fp16/bf16 attention kernel without its MMA."""
+    out = []
+    for r in records:
+        res, use = r["result"], r["uses"][0]
+        where = (f"{'/'.join(r['ops'])} ({len(r['uses'])} uses; first: size {use['size']} grid {use['grid']} "
+                 f"{use['dtype']} {use['layout']} batch {use['batch']})")
+        if res is None:
+            out.append(f"compile error in {where}: {r['error']}")
+            continue
+        where = f"{res['kernel']} {res['arch']} {res['constexprs']} num_warps={res['num_warps']}, {where}"
+        if res["spill_store_bytes"] or res["spill_load_bytes"]:
+            out.append(f"spills {res['spill_store_bytes']} B stores / {res['spill_load_bytes']} B loads at "
+                       f"{res['registers']} registers: {where}")
+        mma = expected_mma(res)
+        if mma is not None and res["ops"][mma] == 0:
+            out.append(f"no {mma} instruction (ops {res['ops']}): {where}")
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file of the records")
+    ap.add_argument("--cache", default=None, help="folder of cached compile results")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES))
+    args = ap.parse_args(argv)
+    records = check(sizes=args.sizes, cache_dir=args.cache, jobs=args.jobs)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records))
+    tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -183,11 +183,12 @@ def _tiles(Gh: int, Gw: int, q_w: int, q_cells: int, block_k: int) -> tuple[int,
     return tq_h, tq_w, block_k
 
 
-def _num_warps(dtype: torch.dtype) -> int:
-    """4 warps for the 16-bit tensor-core path, 2 for the fp32 FFMA path: the choices ptxas compiles without
-    spills at every head dim of the decoder sizes on sm_80 and sm_90 (2 warps spill 8 bytes at dh 72 bf16 on
-    sm_80; 4 warps spill at dh 72 fp32 on sm_90; tests/test_kernels_compile.py checks every one)."""
-    return 2 if dtype == torch.float32 else 4
+def _num_warps(dtype: torch.dtype, dh: int) -> int:
+    """4 warps for the 16-bit tensor-core path, 2 for the fp32 FFMA path up to dh 96: the choices ptxas compiles
+    without spills at every head dim 24..128 on sm_80 and sm_90 with triton 3.7.1 (2 warps spill 8 bytes at
+    dh 72 bf16 on sm_80; 4 warps spill 12 bytes at dh 72 fp32 on sm_90, 2 warps 164 bytes at dh 128 fp32;
+    tests/test_kernels_compile.py checks every dispatched one)."""
+    return 2 if dtype == torch.float32 and dh <= 96 else 4
 
 
 def _head_chunks(dh: int) -> tuple[int, int]:
@@ -264,7 +265,7 @@ def window_attention_launches(q, k, v, table, grid, *, interpreter: bool) -> tup
                       dict(HALF=table.shape[0] // 2, DH=dh, D0=d0, D1=d1, TQ_H=tq_h, TQ_W=tq_w, BLOCK_K=block_k,
                            ALIGN=_stride_align(q, k, v, o), UPCAST=interpreter and q.dtype != torch.float32,
                            PRECISION="ieee" if q.dtype == torch.float32 or interpreter else "tf32"),
-                      num_warps=_num_warps(q.dtype), num_stages=2)]
+                      num_warps=_num_warps(q.dtype, dh), num_stages=2)]
 
 
 @torch.library.custom_op("ssdd::window_attention", mutates_args=())

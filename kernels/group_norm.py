@@ -23,7 +23,7 @@ from ssdd_runtime.kernels._dispatch import Launch, jit, tl, triton, use_triton_f
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@jit
+@jit(do_not_specialize=("CPG", "G", "NCHUNK"))  # index-only ints: fewer compiled variants
 def _group_norm_stats_kernel(X, P, HW, sxb, sxc, sxhw, CPG, G, chunk_e, NCHUNK,
                              GB: tl.constexpr, BLOCK_E: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """Partial statistics (mean, M2 = sum of squared deviations, count) of one chunk of GB (batch, group) rows.
@@ -171,16 +171,17 @@ def _ada_group_norm_unsupported(x, num_groups, weight, bias, ctx_mod, time_mod) 
     return None
 
 
-def _norm_blocks(x: torch.Tensor, interpreter: bool) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) of the apply kernel: wide along the contiguous dim. Interpreter: bigger tiles, as its
-    cost is per op."""
+def _norm_blocks(x: torch.Tensor, interpreter: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, num_warps) of the apply kernel: wide along the contiguous dim. channels_last runs 8
+    warps: with 4, ptxas (triton 3.7.1, sm_80) spills 4 bytes in the fp16 affine-only variant. Interpreter:
+    bigger tiles, as its cost is per op."""
     if interpreter:
         block_c = min(64, triton.next_power_of_2(x.shape[1]))
-        return block_c, max(16, 65536 // block_c)
+        return block_c, max(16, 65536 // block_c), 4
     if x.stride(1) == 1 and x.shape[1] > 1:  # channels_last: channels contiguous
         block_c = min(128, triton.next_power_of_2(x.shape[1]))
-        return block_c, max(1, 4096 // block_c)
-    return 16, 256
+        return block_c, max(1, 4096 // block_c), 8
+    return 16, 256, 4
 
 
 def ada_group_norm_launches(x, num_groups: int, eps: float, weight, bias, ctx_mod, time_mod, silu: bool, *,
@@ -205,7 +206,7 @@ def ada_group_norm_launches(x, num_groups: int, eps: float, weight, bias, ctx_mo
     stats = Launch(_group_norm_stats_kernel, (B * triton.cdiv(G, gb), nchunk),
                    (x, partials, HW, sxb, sxc, sxhw, cpg, G, chunk_e, nchunk),
                    dict(GB=gb, BLOCK_E=block_e, CHANNELS_LAST=channels_last), num_warps=4)
-    block_c, block_hw = _norm_blocks(x, interpreter)
+    block_c, block_hw, apply_warps = _norm_blocks(x, interpreter)
     c_strides = ctx_mod.stride() if ctx_mod is not None else (0, 0, 0, 0)
     ry, rx = (H // ctx_mod.shape[2], W // ctx_mod.shape[3]) if ctx_mod is not None else (1, 1)
     apply = Launch(_ada_group_norm_kernel, (triton.cdiv(HW, block_hw), triton.cdiv(C, block_c), B),
@@ -214,7 +215,7 @@ def ada_group_norm_launches(x, num_groups: int, eps: float, weight, bias, ctx_mo
                     cpg, G, nchunk, eps),
                    dict(HAS_AFFINE=weight is not None, HAS_CTX=ctx_mod is not None, HAS_TIME=time_mod is not None,
                         SILU=silu, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw),
-                   num_warps=4)
+                   num_warps=apply_warps)
     return y, [stats, apply]
 
 
