@@ -146,7 +146,7 @@ def main(argv=None):
                              summary=summary, launches=rows))
     out = Path(args.out) if args.out else RESULTS / f"kernels_aot_{today}.json"
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.write_text(json.dumps(doc, separators=(",", ":")))
     tmp.replace(out)
     print(f"\nwrote {out}")
 

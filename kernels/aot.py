@@ -42,6 +42,7 @@ ARCHS = (80, 90)
 SIZES = ("XS", "S", "B", "M", "L", "XL", "H")
 GRIDS = ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (12, 20))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OPS = ("window_attention", "ada_group_norm", "ada_layer_norm", "affine_layer_norm")  # model.py's fused-op calls
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,12 +73,12 @@ def decoder_calls(size: str, grid: tuple[int, int], *, channels_last: bool, batc
     def cl(a):  # meta convolutions do not propagate channels_last; CUDA's (cuDNN) do, so 4-D activations are NHWC
         return a.to(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
 
-    def recorder(op, ref):
+    def recorder(op):
         def record(*args, **kwargs):
             if channels_last:
                 args, kwargs = tuple(map(cl, args)), {k: cl(v) for k, v in kwargs.items()}
             calls.append((op, args, kwargs))
-            return ref(*args, **{k: v for k, v in kwargs.items() if k != "use_triton"})
+            return torch.empty_like(args[0])  # every op's output has its first input's shape and layout
         return record
 
     z_dim = model.cfg.z_dim
@@ -85,12 +86,7 @@ def decoder_calls(size: str, grid: tuple[int, int], *, channels_last: bool, batc
     x = torch.empty(batch, 3, stride * grid[0], stride * grid[1], device="meta").to(memory_format=fmt)
     z = torch.empty(batch, z_dim, grid[0] * 8 // stride, grid[1] * 8 // stride, device="meta").to(memory_format=fmt)
     t = torch.empty(batch, device="meta")
-    with mock.patch.multiple(kernels_ns,
-                             window_attention=recorder("window_attention", attention.window_attention_ref),
-                             ada_group_norm=recorder("ada_group_norm", group_norm.ada_group_norm_ref),
-                             ada_layer_norm=recorder("ada_layer_norm", layer_norm.ada_layer_norm_ref),
-                             affine_layer_norm=recorder("affine_layer_norm", layer_norm.affine_layer_norm_ref)), \
-            torch.no_grad():
+    with mock.patch.multiple(kernels_ns, **{op: recorder(op) for op in OPS}), torch.no_grad():
         model(x, t, z)
     return tuple(calls)
 
@@ -171,13 +167,25 @@ def _arg_key(a):
     return (type(a).__name__, a)
 
 
+def _specialized(launch: Launch, arch: int):
+    """((fn, target, source, options), compiled-kernel key), memoised on what the binder reads: tensor dtypes,
+    integer values, constexprs, options."""
+    memo = (launch.kernel, tuple(map(_arg_key, launch.args)), tuple(sorted(launch.constexprs.items())),
+            launch.num_warps, launch.num_stages, arch)
+    if memo not in _SPECIALIZED:
+        spec = _specialize(launch, arch)
+        _SPECIALIZED[memo] = spec, _cache_key(*spec)
+    return _SPECIALIZED[memo]
+
+
 def specialize(launch: Launch, arch: int):
-    """Memoised on what the binder reads: tensor dtypes, integer values, constexprs, options."""
-    key = (launch.kernel, tuple(map(_arg_key, launch.args)), tuple(sorted(launch.constexprs.items())),
-           launch.num_warps, launch.num_stages, arch)
-    if key not in _SPECIALIZED:
-        _SPECIALIZED[key] = _specialize(launch, arch)
-    return _SPECIALIZED[key]
+    """(fn, target, source, options) for `launch` on sm_<arch> (see `_specialize`)."""
+    return _specialized(launch, arch)[0]
+
+
+def launch_key(launch: Launch, arch: int) -> str:
+    """The key of the compiled kernel (source hash, specialisation, options, target, triton version)."""
+    return _specialized(launch, arch)[1]
 
 
 _SPECIALIZED: dict = {}
@@ -303,8 +311,7 @@ def _enumerate(trace, dtypes, archs):
         case = (size, grid, dtype, channels_last, batch)
         for i, (op, launch) in enumerate(_traced(*case)):
             for arch in archs:
-                fn, target, src, options = specialize(launch, arch)
-                out.append((_cache_key(fn, target, src, options), case, i, arch, op))
+                out.append((launch_key(launch, arch), case, i, arch, op))
     return out
 
 

@@ -9,8 +9,8 @@ Triton kernel (`_window_attention_kernel`): one program per (query tile of TQ_H 
 The keys it needs are the tile's footprint, rows ty0-W .. ty0+TQ_H-1+W by columns tx0-W .. tx0+TQ_W-1+W clipped
 to the grid; that rectangle is flattened and visited BLOCK_K keys at a time (gathered by token index: each
 key row is dh contiguous elements), so no key slot outside the footprint is executed and work and memory grow
-linearly with N. GPU tiles: 4 x 8 queries, 16 keys: for SSDD-M about 54% of the executed dot FLOPs
-fall inside the window and the real head dim (a 64-query x 64-key-slot tile at dh padded to 128 executed 19%).
+linearly with N. GPU tiles: 4 x 8 queries, 16 keys: for SSDD-M 54% (32x32 grid) and 52% (64x64) of the dot FLOPs
+executed fall inside the window and the real head dim (64-query x 64-key-slot tiles at dh padded to 128: 19%, 21%).
 The head dim is split into a power-of-two chunk and a remainder chunk padded to >= 16 (72 = 64 + 16,
 40 = 32 + 16), not padded to the next power of two. The bias is gathered from a (heads, 2W+1, 2W+1) copy of the
 table inside the kernel (no (N, N) mask exists) and keys outside the window are excluded (weight exactly 0, as
@@ -170,8 +170,9 @@ def window_attention_ref(q, k, v, table, grid, *, upcast: bool = False) -> torch
 
 
 # Tiles: (query tile width cap, query cells, keys per block). GPU: 4 x 8 queries and 16 keys (fixed heuristic,
-# no autotune): small enough that 54% of the executed dot FLOPs are useful for SSDD-M (see `work`). The interpreter's cost is per op, not per element, so on CPU bigger tiles mean fewer programs
-# and iterations (tests switch back to the GPU sizes to cover them).
+# no autotune): small enough that 52-54% of the executed dot FLOPs are useful for SSDD-M (see `work`). The
+# interpreter's cost is per op, not per element, so on CPU bigger tiles mean fewer programs and iterations
+# (tests switch back to the GPU sizes to cover them).
 TILES = {"cuda": (8, 32, 16), "cpu": (16, 256, 512)}
 
 
