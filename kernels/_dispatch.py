@@ -1,15 +1,21 @@
-"""The one switch between Triton kernels and PyTorch references, and the Triton import guard.
+"""The one switch between Triton kernels and PyTorch references, the Triton import guard, and `Launch`.
 
 `use_triton_for(t, use_triton, unsupported)` is the visible `if` of every dispatch function (STYLE rule 4):
     use_triton=False -> reference
     use_triton=None  -> Triton iff `t` is a CUDA tensor, triton imports and the op supports the inputs
     use_triton=True  -> Triton, or a clear error: triton missing, CPU tensor without the interpreter,
                         unsupported dtype/shape (the op's `unsupported` reason)
-On CPU the kernels run only under Triton's interpreter, which the user enables with TRITON_INTERPRET=1.
+On CPU the kernels run only under Triton's interpreter, which the user enables with TRITON_INTERPRET=1 before
+triton is first imported (Triton decides compiled vs interpreted when `@triton.jit` runs, at module import).
+
+Every launcher builds its launches with a pure `*_launches` function of the tensors (their shapes, strides,
+dtypes: it reads no data, so meta tensors work) and then runs them; `kernels/aot.py` compiles the same
+`Launch` objects ahead of time for sm_80/sm_90 (tests/test_kernels_compile.py).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,16 +30,21 @@ except ImportError:  # CPU-only install: every op runs its PyTorch reference
 
 HAS_TRITON = triton is not None
 INSTALL_HINT = "pip install 'ssdd-runtime[triton]'"
+# Triton reads TRITON_INTERPRET when `@triton.jit` decorates (this module's import); so does this flag
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def jit(fn):
-    """`triton.jit`, or the plain function when triton is missing (it is then never launched)."""
-    return triton.jit(fn) if HAS_TRITON else fn
+def jit(fn=None, **options):
+    """`triton.jit` (bare or with options such as do_not_specialize), or the plain function when triton is
+    missing (it is then never launched)."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    return triton.jit(fn, **options) if HAS_TRITON else fn
 
 
 def interpreting() -> bool:
-    """Whether Triton's interpreter is requested (read at call time, as Triton reads it at decoration time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """Whether the kernels were decorated as Triton interpreter functions (TRITON_INTERPRET=1 at import)."""
+    return INTERPRETED
 
 
 def use_triton_for(t: torch.Tensor, use_triton: bool | None, unsupported: str | None = None,
@@ -47,29 +58,24 @@ def use_triton_for(t: torch.Tensor, use_triton: bool | None, unsupported: str | 
         raise RuntimeError(f"use_triton=True but triton cannot be imported; install it with {INSTALL_HINT}")
     if not t.is_cuda and not interpreting():
         raise RuntimeError(f"use_triton=True with a {t.device.type} tensor needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 in the environment (or pass use_triton=None/False to use the "
-                           "PyTorch reference)")
+                           "TRITON_INTERPRET=1 in the environment before triton is imported (or pass "
+                           "use_triton=None/False to use the PyTorch reference)")
     if unsupported is not None:
         raise ValueError(f"use_triton=True but the Triton {op} does not support these inputs: {unsupported}")
     return True
 
 
-_INTERPRETED: dict = {}
+@dataclass
+class Launch:
+    """One kernel launch: `kernel[grid](*args, **constexprs, num_warps=, num_stages=)`. Pointer arguments are
+    tensors (None for an absent optional tensor, read only under a constexpr False flag)."""
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
 
-
-def launchable(kernel, device: torch.device):
-    """The kernel to launch for tensors on `device`. Triton picks compiled vs interpreted when `@triton.jit` runs
-    (module import); if TRITON_INTERPRET=1 was set only afterwards, CPU tensors get an interpreted copy."""
-    if device.type == "cuda" or not HAS_TRITON:
-        return kernel
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    if kernel not in _INTERPRETED:
-        _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
-    return _INTERPRETED[kernel]
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)

@@ -18,12 +18,12 @@ run on a GPU (no GPU was lent to the session that wrote it).
 import torch
 import torch.nn.functional as F
 
-from ssdd_runtime.kernels._dispatch import jit, launchable, next_pow2, tl, use_triton_for
+from ssdd_runtime.kernels._dispatch import Launch, jit, tl, triton, use_triton_for
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@jit
+@jit(do_not_specialize=("CPG", "G", "NCHUNK"))  # index-only ints: fewer compiled variants
 def _group_norm_stats_kernel(X, P, HW, sxb, sxc, sxhw, CPG, G, chunk_e, NCHUNK,
                              GB: tl.constexpr, BLOCK_E: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """Partial statistics (mean, M2 = sum of squared deviations, count) of one chunk of GB (batch, group) rows.
@@ -64,33 +64,45 @@ def _group_norm_stats_kernel(X, P, HW, sxb, sxc, sxhw, CPG, G, chunk_e, NCHUNK,
     tl.store(out + 2, n_a, mask=g_ok)
 
 
-@jit
+@jit(do_not_specialize=("Wd", "scb", "scc", "sch", "scw", "RY", "RX", "stb", "CPG", "G", "NCHUNK"))
 def _ada_group_norm_kernel(X, Y, P, Wt, Bs, CTX, TM, C, HW, Wd, sxb, sxc, sxhw, syb, syc, syhw,
                            scb, scc, sch, scw, RY, RX, stb, CPG, G, NCHUNK, eps,
                            HAS_AFFINE: tl.constexpr, HAS_CTX: tl.constexpr, HAS_TIME: tl.constexpr,
-                           SILU: tl.constexpr, NCHUNK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                           SILU: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_HW: tl.constexpr):
+    """Integers that only index (the latent map, groups, chunks) are not specialised on divisibility: one
+    compiled kernel serves every decoder size and grid. The contiguous dim's stride is the literal 1 (pixels
+    for NCHW, channels for channels_last) so that loads and stores vectorise."""
     pid_hw = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    # merge the chunk partials of each channel's group (Chan et al.), all in fp32
-    k = tl.arange(0, NCHUNK_P)
-    part = P + ((b * G + c // CPG)[:, None] * NCHUNK + k[None, :]) * 3
-    pk = c_ok[:, None] & (k < NCHUNK)[None, :]
-    p_mean = tl.load(part, mask=pk, other=0.0)
-    p_m2 = tl.load(part + 1, mask=pk, other=0.0)
-    p_n = tl.load(part + 2, mask=pk, other=0.0)
-    n = tl.maximum(tl.sum(p_n, 1), 1.0)
-    mean = tl.sum(p_n * p_mean, 1) / n
-    dm = p_mean - mean[:, None]
-    var = tl.sum(p_m2 + p_n * dm * dm, 1) / n
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # merge the chunk partials of each channel's group (Chan et al.), chunk by chunk, all in fp32
+    part = P + (b * G + c // CPG) * NCHUNK * 3
+    n = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for k in range(NCHUNK):
+        p_mean = tl.load(part + 3 * k, mask=c_ok, other=0.0)
+        p_m2 = tl.load(part + 3 * k + 1, mask=c_ok, other=0.0)
+        p_n = tl.load(part + 3 * k + 2, mask=c_ok, other=0.0)
+        n_new = tl.maximum(n + p_n, 1.0)
+        delta = p_mean - mean
+        mean = mean + delta * (p_n / n_new)
+        m2 = m2 + p_m2 + delta * delta * (n * p_n / n_new)
+        n = n + p_n
+    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(n, 1.0) + eps)
 
     hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
     ok = c_ok[:, None] & (hw < HW)[None, :]
-    x = tl.load(X + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=ok, other=0.0).to(tl.float32)
+    if CHANNELS_LAST:
+        x_off = c[:, None] + hw[None, :] * sxhw
+        y_off = c[:, None] + hw[None, :] * syhw
+    else:
+        x_off = c[:, None] * sxc + hw[None, :]
+        y_off = c[:, None] * syc + hw[None, :]
+    x = tl.load(X + b * sxb + x_off, mask=ok, other=0.0).to(tl.float32)
     y = (x - mean[:, None]) * rstd[:, None]
     if HAS_AFFINE:
         w = tl.load(Wt + c, mask=c_ok, other=1.0).to(tl.float32)
@@ -108,7 +120,7 @@ def _ada_group_norm_kernel(X, Y, P, Wt, Bs, CTX, TM, C, HW, Wd, sxb, sxc, sxhw, 
         y = y * (1.0 + ts[:, None]) + tsh[:, None]
     if SILU:
         y = y * tl.sigmoid(y)
-    tl.store(Y + b * syb + c[:, None] * syc + hw[None, :] * syhw, y.to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + b * syb + y_off, y.to(Y.dtype.element_ty), mask=ok)
 
 
 def ada_group_norm_ref(x, num_groups: int, eps: float, *, weight=None, bias=None, ctx_mod=None, time_mod=None,
@@ -147,6 +159,8 @@ def _ada_group_norm_unsupported(x, num_groups, weight, bias, ctx_mod, time_mod) 
     B, C, H, W = x.shape
     if H > 1 and x.stride(2) != W * x.stride(3):
         return "x's H and W dims cannot be flattened (expected NCHW or channels_last strides)"
+    if not (x.stride(1) == 1 and C > 1) and H * W > 1 and x.stride(3) != 1:
+        return "x's W dim is not contiguous (expected NCHW or channels_last strides)"
     if (weight is None) != (bias is None) or (weight is not None and (weight.shape != (C,) or bias.shape != (C,))):
         return "weight and bias must both be given with shape (C,), or both be None"
     if ctx_mod is not None:
@@ -157,16 +171,52 @@ def _ada_group_norm_unsupported(x, num_groups, weight, bias, ctx_mod, time_mod) 
     return None
 
 
-def _norm_blocks(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) of the apply kernel: wide along the contiguous dim. On CPU (interpreter) bigger
-    tiles, as its cost is per op."""
-    if x.device.type != "cuda":
-        block_c = min(64, next_pow2(x.shape[1]))
-        return block_c, max(16, 65536 // block_c)
+def _norm_blocks(x: torch.Tensor, interpreter: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, num_warps) of the apply kernel: wide along the contiguous dim. channels_last runs 8
+    warps: with 4, ptxas (triton 3.7.1, sm_80) spills 4 bytes in the fp16 affine-only variant. Interpreter:
+    bigger tiles, as its cost is per op."""
+    if interpreter:
+        block_c = min(64, triton.next_power_of_2(x.shape[1]))
+        return block_c, max(16, 65536 // block_c), 4
     if x.stride(1) == 1 and x.shape[1] > 1:  # channels_last: channels contiguous
-        block_c = min(128, next_pow2(x.shape[1]))
-        return block_c, max(1, 4096 // block_c)
-    return 16, 256
+        block_c = min(128, triton.next_power_of_2(x.shape[1]))
+        return block_c, max(1, 4096 // block_c), 8
+    return 16, 256, 4
+
+
+def ada_group_norm_launches(x, num_groups: int, eps: float, weight, bias, ctx_mod, time_mod, silu: bool, *,
+                            interpreter: bool) -> tuple[torch.Tensor, list[Launch]]:
+    """(y, launches): the output (allocated, in x's memory format) and the stats and apply launches that write
+    it. A pure function of shapes, strides and dtypes (meta tensors work), shared by the launcher and the
+    ahead-of-time compile check (kernels/aot.py)."""
+    B, C, H, W = x.shape
+    y = torch.empty_like(x)  # keeps x's memory format (NCHW or channels_last)
+    time_mod = time_mod.contiguous() if time_mod is not None else None
+    G, HW, cpg = num_groups, H * W, C // num_groups
+    # stats: GPU splits each (batch, group) into chunks so that the programs fill the device; the interpreter
+    # (cost per op and per program) takes all groups of an image in one program
+    channels_last = x.stride(1) == 1 and C > 1
+    gb = triton.next_power_of_2(G) if interpreter else 1
+    block_e = 8192 if interpreter else 4096
+    want_chunks = 1 if interpreter else max(1, 1024 // (B * G))
+    chunk_e = triton.cdiv(max(block_e, triton.cdiv(cpg * HW, want_chunks)), block_e) * block_e
+    nchunk = triton.cdiv(cpg * HW, chunk_e)
+    partials = torch.empty((B * G, nchunk, 3), dtype=torch.float32, device=x.device)
+    sxb, sxc, sxhw = x.stride(0), x.stride(1), x.stride(3)
+    stats = Launch(_group_norm_stats_kernel, (B * triton.cdiv(G, gb), nchunk),
+                   (x, partials, HW, sxb, sxc, sxhw, cpg, G, chunk_e, nchunk),
+                   dict(GB=gb, BLOCK_E=block_e, CHANNELS_LAST=channels_last), num_warps=4)
+    block_c, block_hw, apply_warps = _norm_blocks(x, interpreter)
+    c_strides = ctx_mod.stride() if ctx_mod is not None else (0, 0, 0, 0)
+    ry, rx = (H // ctx_mod.shape[2], W // ctx_mod.shape[3]) if ctx_mod is not None else (1, 1)
+    apply = Launch(_ada_group_norm_kernel, (triton.cdiv(HW, block_hw), triton.cdiv(C, block_c), B),
+                   (x, y, partials, weight, bias, ctx_mod, time_mod, C, HW, W, sxb, sxc, sxhw, y.stride(0),
+                    y.stride(1), y.stride(3), *c_strides, ry, rx, time_mod.stride(0) if time_mod is not None else 0,
+                    cpg, G, nchunk, eps),
+                   dict(HAS_AFFINE=weight is not None, HAS_CTX=ctx_mod is not None, HAS_TIME=time_mod is not None,
+                        SILU=silu, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw),
+                   num_warps=apply_warps)
+    return y, [stats, apply]
 
 
 @torch.library.custom_op("ssdd::ada_group_norm", mutates_args=())
@@ -176,36 +226,10 @@ def ada_group_norm_triton(x: torch.Tensor, num_groups: int, eps: float, weight: 
     """Launch the stats and apply kernels. A torch custom op (fake impl below) so torch.compile traces callers."""
     problem = _ada_group_norm_unsupported(x, num_groups, weight, bias, ctx_mod, time_mod)
     assert problem is None, problem
-    B, C, H, W = x.shape
-    G, HW, cpg = num_groups, H * W, C // num_groups
-    y = torch.empty_like(x)  # keeps x's memory format (NCHW or channels_last)
-    on_gpu = x.device.type == "cuda"
-    # stats: GPU splits each (batch, group) into chunks so that the programs fill the device; the interpreter
-    # (cost per op and per program) takes all groups of an image in one program
-    channels_last = x.stride(1) == 1 and C > 1
-    gb = 1 if on_gpu else next_pow2(G)
-    block_e = 4096 if on_gpu else 8192
-    want_chunks = max(1, 1024 // (B * G)) if on_gpu else 1
-    chunk_e = -(-max(block_e, -(-cpg * HW // want_chunks)) // block_e) * block_e
-    nchunk = -(-cpg * HW // chunk_e)
-    partials = torch.empty((B * G, nchunk, 3), dtype=torch.float32, device=x.device)
-    sxb, sxc, sxhw = x.stride(0), x.stride(1), x.stride(3)
-    launchable(_group_norm_stats_kernel, x.device)[(B * -(-G // gb), nchunk)](
-        x, partials, HW, sxb, sxc, sxhw, cpg, G, chunk_e, nchunk, GB=gb, BLOCK_E=block_e,
-        CHANNELS_LAST=channels_last, num_warps=4)
-    block_c, block_hw = _norm_blocks(x)
-    dummy = partials  # placeholder pointer for absent optional tensors (never read: the flag is off)
-    ctx = ctx_mod
-    time_mod = time_mod.contiguous() if time_mod is not None else None
-    c_strides = ctx.stride() if ctx is not None else (0, 0, 0, 0)
-    ry, rx = (H // ctx.shape[2], W // ctx.shape[3]) if ctx is not None else (1, 1)
-    launchable(_ada_group_norm_kernel, x.device)[(-(-HW // block_hw), -(-C // block_c), B)](
-        x, y, partials, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        ctx if ctx is not None else dummy, time_mod if time_mod is not None else dummy,
-        C, HW, W, sxb, sxc, sxhw, y.stride(0), y.stride(1), y.stride(3), *c_strides, ry, rx,
-        time_mod.stride(0) if time_mod is not None else 0, cpg, G, nchunk, eps,
-        HAS_AFFINE=weight is not None, HAS_CTX=ctx is not None, HAS_TIME=time_mod is not None, SILU=silu,
-        NCHUNK_P=next_pow2(nchunk), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    y, launches = ada_group_norm_launches(x, num_groups, eps, weight, bias, ctx_mod, time_mod, silu,
+                                          interpreter=x.device.type != "cuda")
+    for launch in launches:
+        launch()
     return y
 
 

@@ -14,13 +14,13 @@ not yet run on a GPU (no GPU was lent to the session that wrote it).
 import torch
 import torch.nn.functional as F
 
-from ssdd_runtime.kernels._dispatch import jit, launchable, next_pow2, tl, use_triton_for
+from ssdd_runtime.kernels._dispatch import Launch, jit, tl, triton, use_triton_for
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 4096
 
 
-@jit
+@jit(do_not_specialize=("N", "Gw", "RY", "RX"))  # index-only ints: one kernel for every grid
 def _layer_norm_kernel(X, Y, Wt, Bs, MOD, N, C, Gw, sxb, sxn, syb, syn, smb, smy, smx, RY, RX, eps,
                        HAS_AFFINE: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_C: tl.constexpr):
@@ -80,6 +80,25 @@ def _layer_norm_unsupported(x, mod, grid, weight, bias) -> str | None:
     return None
 
 
+def layer_norm_launches(x, weight, bias, mod, grid, eps: float, *,
+                        interpreter: bool) -> tuple[torch.Tensor, list[Launch]]:
+    """(y, launches): the output (allocated) and the launch that writes y = (Ada)LN(x). A pure function of
+    shapes, strides and dtypes (meta tensors work), shared by the launcher and the ahead-of-time compile check
+    (kernels/aot.py)."""
+    B, N, C = x.shape
+    y = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    block_c = triton.next_power_of_2(C)
+    block_t = max(1, (65536 if interpreter else 4096) // block_c)
+    Gh, Gw = (int(grid[0]), int(grid[1])) if mod is not None else (1, N)
+    m_strides = mod.stride()[:3] if mod is not None else (0, 0, 0)
+    ry, rx = (Gh // mod.shape[1], Gw // mod.shape[2]) if mod is not None else (1, 1)
+    return y, [Launch(_layer_norm_kernel, (triton.cdiv(N, block_t), B),
+                   (x, y, weight, bias, mod, N, C, Gw, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                    *m_strides, ry, rx, eps),
+                   dict(HAS_AFFINE=weight is not None, HAS_MOD=mod is not None, BLOCK_T=block_t, BLOCK_C=block_c),
+                   num_warps=4 if block_c <= 1024 else 8)]
+
+
 @torch.library.custom_op("ssdd::layer_norm", mutates_args=())
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       mod: torch.Tensor | None, grid: list[int], eps: float) -> torch.Tensor:
@@ -87,19 +106,9 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     op (fake impl below) so torch.compile traces callers."""
     problem = _layer_norm_unsupported(x, mod, grid, weight, bias)
     assert problem is None, problem
-    B, N, C = x.shape
-    y = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
-    block_c = next_pow2(C)
-    block_t = max(1, (4096 if x.is_cuda else 65536) // block_c)
-    dummy = y  # placeholder pointer for absent optional tensors (never read: the flag is off)
-    Gh, Gw = (int(grid[0]), int(grid[1])) if mod is not None else (1, N)
-    m_strides = mod.stride()[:3] if mod is not None else (0, 0, 0)
-    ry, rx = (Gh // mod.shape[1], Gw // mod.shape[2]) if mod is not None else (1, 1)
-    launchable(_layer_norm_kernel, x.device)[(-(-N // block_t), B)](
-        x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        mod if mod is not None else dummy, N, C, Gw, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        *m_strides, ry, rx, eps, HAS_AFFINE=weight is not None, HAS_MOD=mod is not None, BLOCK_T=block_t,
-        BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8)
+    y, launches = layer_norm_launches(x, weight, bias, mod, grid, eps, interpreter=x.device.type != "cuda")
+    for launch in launches:
+        launch()
     return y
 
 

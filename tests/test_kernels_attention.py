@@ -3,7 +3,7 @@ import pytest
 import torch
 from _kernel_checks import DEVICE, DTYPES, assert_three_way, requires_triton
 
-from ssdd_runtime.kernels import attention
+from ssdd_runtime.kernels import _dispatch, attention
 
 pytestmark = requires_triton
 
@@ -34,16 +34,30 @@ def test_window_attention_matches_reference(B, heads, grid, dh, dtype):
     check(B, heads, grid, dh, dtype)
 
 
-@pytest.mark.parametrize("dh", [48, 64, 96])
+@pytest.mark.parametrize("dh", [8, 48, 64, 96, 128])
 def test_window_attention_head_dims(dh):
+    """Every head-dim split the kernel special-cases (D0 + D1): 8 -> 16 (padded), 48 -> 32 + 16, 64 -> 64,
+    96 -> 64 + 32, 128 -> 128; 24, 40 and 72 (16 + 16, 32 + 16, 64 + 16) run in every dtype above."""
     check(1, 4, (9, 6), dh, torch.float32)
 
 
-def test_window_attention_gpu_tiles(monkeypatch):
-    """The GPU tile sizes (64-cell query and key tiles: several tiles per row band, key rows in steps) on a grid
-    larger than the window, checked here under the interpreter too."""
+@pytest.mark.parametrize("dh", [40, 72])
+def test_window_attention_unaligned_strides(dh):
+    """Row strides that are not a multiple of 8 elements (q, k, v sliced from wider rows): ALIGN falls back."""
+    q, k, v, table = make(1, 4, (6, 9), dh + 1, torch.float32)
+    q, k, v = q[..., :dh], k[..., 1:], v[..., :dh]
+    assert attention._stride_align(q, k, v) == 1
+    out = attention.window_attention(q, k, v, table, (6, 9), use_triton=True)
+    out_ref = attention.window_attention_ref(q, k, v, table, (6, 9), upcast=True)
+    assert_three_way(out, out_ref, out_ref, torch.float32, "unaligned strides")
+
+
+@pytest.mark.parametrize("grid,dh", [((21, 37), 40), ((17, 13), 72), ((5, 3), 24)])
+def test_window_attention_gpu_tiles(monkeypatch, grid, dh):
+    """The GPU tile sizes (4 x 8 queries, 16-key blocks of the flattened footprint: many tiles, partial blocks,
+    clipped footprints; a grid narrower than the tile) on grids larger than the window, under the interpreter."""
     monkeypatch.setitem(attention.TILES, "cpu", attention.TILES["cuda"])
-    check(1, 4, (21, 37), 40, torch.float32)
+    check(1, 2, grid, dh, torch.float32)
 
 
 def test_window_attention_excludes_outside_window():
@@ -69,7 +83,7 @@ def test_dispatch_rules():
 
 
 def test_forced_triton_on_cpu_without_interpreter_errors(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
     q, k, v, table = make(1, 4, (4, 4), 24, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         attention.window_attention(q.cpu(), k.cpu(), v.cpu(), table.cpu(), (4, 4), use_triton=True)
