@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 from pathlib import Path
+
+from ssdd_runtime.benchmarks import schema
+from ssdd_runtime.benchmarks.timing import environment
 
 H100_BF16_FLOPS = 989e12
 H100_BYTES_PER_S = 3.35e12
@@ -108,6 +110,18 @@ def print_records(records: list[dict]) -> None:
               f"{res['constexprs']}")
 
 
+def wrap(doc: dict) -> dict:
+    """The AOT report inside the one result schema: no timed rows (nothing ran on a GPU), the report under "aot"."""
+    env = environment("cpu")
+    env["triton"] = doc["triton"]
+    return {"schema": schema.SCHEMA, "env": env,
+            "method": "ahead-of-time compilation only (triton.compile for the listed archs, ptxas -v, cuobjdump "
+                      "-sass); no kernel was run; roofline = max(FLOPs / peak, bytes / bandwidth)",
+            "notes": ["static analysis: no GPU timing; the roofline numbers are estimates for H100 SXM"],
+            "skipped": [{"reason": "no GPU on this machine: compile-only report"}], "results": [], "ratios": [],
+            "aot": doc}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Static (ahead-of-time) report of the Triton kernels")
     ap.add_argument("--aot", action="store_true", required=True, help="compile for sm_80/sm_90 and report")
@@ -145,9 +159,7 @@ def main(argv=None):
                roofline=dict(device="H100 SXM", bf16_flops=H100_BF16_FLOPS, bytes_per_s=H100_BYTES_PER_S,
                              summary=summary, launches=rows))
     out = Path(args.out) if args.out else RESULTS / f"kernels_aot_{today}.json"
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    tmp.replace(out)
+    schema.write_json(wrap(doc), out)
     print(f"\nwrote {out}")
 
 
