@@ -128,7 +128,7 @@ def read_shard(path: str | os.PathLike, fields: tuple[str, ...] | None = None) -
                "label": torch.from_numpy(table.column("label").to_numpy().astype(np.int64))}
         for n in names:
             z = latent_array(table.column(n)) if table.num_rows else np.zeros((0, *info["shape"]), np.float32)
-            out[n] = torch.from_numpy(np.ascontiguousarray(z))
+            out[n] = torch.from_numpy(np.array(z))  # a writable copy: arrow buffers are read-only
         return out, info
     if path.suffix == ".safetensors":
         from safetensors import safe_open
