@@ -217,11 +217,12 @@ class _ImageSource:
         return bytes(value)
 
 
-def _latent_shape(data: bytes, stride: int, channels: int) -> tuple[int, int, int]:
-    """Latent shape of an image kept at its own size, from its header only (no pixel decoding)."""
+def _latent_shape(source: _ImageSource, item: Item, stride: int, channels: int) -> tuple[int, int, int]:
+    """Latent shape of an image kept at its own size, from its header only (no pixel decoding; an image file is
+    opened in place, so only its first bytes are read)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(item.path if item.row < 0 else io.BytesIO(source.read(item.path, item.row))) as im:
         W, H = im.size
     if H < stride or W < stride:
         raise ValueError(f"image is {W}x{H}: smaller than the encoder stride {stride}")
@@ -464,7 +465,7 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
         source, shapes = _ImageSource(image_column), {}
         for it in items:
             try:
-                shapes[it.key] = _latent_shape(source.read(it.path, it.row), stride, channels)
+                shapes[it.key] = _latent_shape(source, it, stride, channels)
             except _bad_image_errors() as e:
                 plan_errors[it.key] = f"{type(e).__name__}: {e}"
     shards = plan_shards(items, shard_size, shapes)
