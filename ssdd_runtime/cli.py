@@ -124,10 +124,10 @@ def _debug_flag() -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_flags() -> argparse.ArgumentParser:
+def _checkpoint_flags(*, required: bool = True) -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("checkpoint")
-    src = g.add_mutually_exclusive_group(required=True)
+    src = g.add_mutually_exclusive_group(required=required)
     src.add_argument("--checkpoint", metavar="PATH", help="local SSDD .safetensors file")
     src.add_argument("--repo", metavar="ID", help="Hugging Face Hub repo id, e.g. facebook/SSDD")
     g.add_argument("--filename", metavar="F", help="file inside --repo, e.g. F8C4/F8C4_M_256.safetensors")
@@ -253,26 +253,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of images/s vs batch here")
     p.add_argument("--quiet", action="store_true", help="no per-call progress lines")
 
-    p = command("stats", cmd_stats, "latent mean/std over images -> JSON (scaling_factor, shift_factor)",
-                parents=[*model, _batch_flag(8)], epilog=EPILOG,
-                description="Encode images (folders are searched recursively) and write the mean and std of their "
-                            "latents, globally and per channel, with the diffusers normalisation scaling_factor "
-                            "= 1/std and shift_factor = mean.")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="JSON file to write")
+    p = command("stats", cmd_stats, "per-channel latent mean/std -> JSON (shard folder or images)",
+                parents=[_checkpoint_flags(required=False), runtime, _batch_flag(8)], epilog=EPILOG,
+                description="Write the mean and std of latents, globally and per channel (latents_mean / "
+                            "latents_std, read by LatentDataset(normalize=...)), with the diffusers normalisation "
+                            "scaling_factor = 1/std and shift_factor = mean. Given one folder written by `ssdd "
+                            "tokenize`, read its shards (no checkpoint, no re-encoding; default output "
+                            "OUT/.ssdd/latent_stats.json); else encode the images (folders searched recursively) "
+                            "with the checkpoint.")
+    p.add_argument("inputs", nargs="+", help="a `ssdd tokenize` output folder, or image files or folders")
+    p.add_argument("-o", "--output", default=None,
+                   help="JSON file to write (required for images; default for shards: OUT/.ssdd/latent_stats.json)")
 
     ray = [ckpt, _runtime_flags(device=False), _batch_flag(8, per="actor call"), _ray_flags()]
     p = command("tokenize", cmd_tokenize, "images -> latent shards with Ray Data (resumable)", parents=ray,
                 epilog=EPILOG + " " + RAY_EPILOG,
-                description="Encode a folder, image files or parquet files of image bytes to latent means, "
-                            "written as parquet or safetensors shards. Shards already in OUTDIR are skipped; "
-                            "unreadable images are reported and counted.")
+                description="Encode a folder, image files or parquet files of images (bytes or Hugging Face "
+                            "{bytes, path} structs) to training-ready latent shards: key, label, latent (C, h, w) "
+                            "[, latent_flip, logvar], one latent shape per shard (ssdd_runtime.data documents the "
+                            "format; LatentDataset reads it). Shards already in OUTDIR are skipped; unreadable "
+                            "images are reported and counted, never fatal.")
     p.add_argument("inputs", nargs="+", help="folders, image files or .parquet files")
     p.add_argument("-o", "--output", required=True, help="output folder (OUTDIR)")
     p.add_argument("--format", choices=["parquet", "safetensors"], default="parquet", help="shard format")
     p.add_argument("--shard-size", type=_positive_int, default=256, help="items per shard (default 256)")
-    p.add_argument("--image-column", default="image", help="parquet column with image bytes (default image)")
+    p.add_argument("--image-column", default="image",
+                   help="parquet column with image bytes or Hugging Face {bytes, path} structs (default image)")
     p.add_argument("--key-column", default=None, help="parquet column with unique item keys (default: row index)")
+    p.add_argument("--resolution", type=_positive_int, default=None, metavar="N",
+                   help="ADM center crop + resize to NxN (fast-DiT/LightningDiT recipe); default: keep each image's "
+                        "size (cropped to the stride), shards grouped by latent shape")
+    p.add_argument("--flip", action="store_true", help="also store the horizontally flipped image's latent")
+    p.add_argument("--store", choices=["mode", "moments"], default="mode",
+                   help="mode: the latent mean; moments: mean and logvar (default mode)")
+    p.add_argument("--labels", default="none", metavar="folder|COLUMN|none",
+                   help="class labels: 'folder' (ImageFolder class sub-folders), a parquet column, or none "
+                        "(label -1; default)")
 
     p = command("detokenize", cmd_detokenize, "latent shards -> PNGs with Ray Data (resumable)",
                 parents=[*ray, decode], epilog=EPILOG + " " + RAY_EPILOG,
@@ -347,7 +363,11 @@ def _ray_flags() -> argparse.ArgumentParser:
     g.add_argument("--address", default=None, help="Ray cluster address (auto, ray://HOST:10001); default: local")
     g.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of a locally started Ray (default: all)")
     g.add_argument("--concurrency", type=_positive_int, default=None,
-                   help="actors, one model each (default: one per GPU, or 1 on CPU)")
+                   help="actors, one model each (default: one per GPU; on CPU: the cores divided by "
+                        "--num-cpus-per-actor, one node-sized actor per node when neither is given)")
+    g.add_argument("--num-cpus-per-actor", type=_positive_float, default=None,
+                   help="CPUs per actor; torch threads follow (default: 1 with GPUs; on CPU all cores of a node, "
+                        "or the cores divided by --concurrency)")
     g.add_argument("--num-gpus-per-actor", type=_nonneg_float, default=None,
                    help="GPUs per actor (default 1 if the cluster has GPUs, else 0 = CPU)")
     return p
@@ -518,19 +538,33 @@ def cmd_demo(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats
+    from ssdd_runtime.data import SIDECAR, STATS
+    from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats, shard_latent_stats
 
-    checkpoint_source(args)
-    paths = list_images(args.inputs)
-    out = _output_file(args.output, inputs=paths)
-    model = load_model(args)
-    stats = compute_latent_stats(model, paths, batch_size=args.batch_size)
-    if model.checkpoint:
-        stats["checkpoint"] = checkpoint_id(model.checkpoint)
-    write_text_atomic(out, json.dumps(stats, indent=1))
-    print(f"{stats['num_images']} images ({stats['num_errors']} unreadable): latent mean {stats['mean']:.6g}, "
-          f"std {stats['std']:.6g} -> scaling_factor {stats['scaling_factor']:.6g}, shift_factor "
-          f"{stats['shift_factor']:.6g}; wrote {out}")
+    folder = Path(args.inputs[0])
+    shards = len(args.inputs) == 1 and folder.is_dir() and any(
+        f.suffix in (".parquet", ".safetensors") for f in folder.glob("shard-*"))
+    if shards:
+        output = _output_file(args.output) if args.output else folder / SIDECAR / STATS
+        stats = shard_latent_stats(folder)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        if args.checkpoint is None and args.repo is None:
+            raise ValueError("encoding images needs --checkpoint PATH or --repo ID --filename F (or give one folder "
+                             "written by `ssdd tokenize`)")
+        if args.output is None:
+            raise ValueError("-o/--output is required when encoding images")
+        checkpoint_source(args)
+        paths = list_images(args.inputs)
+        output = _output_file(args.output, inputs=paths)
+        model = load_model(args)
+        stats = compute_latent_stats(model, paths, batch_size=args.batch_size)
+        if model.checkpoint:
+            stats["checkpoint"] = checkpoint_id(model.checkpoint)
+    write_text_atomic(output, json.dumps(stats, indent=1))
+    print(f"{stats['num_images']} {'latents' if shards else 'images'} ({stats['num_errors']} unreadable): latent "
+          f"mean {stats['mean']:.6g}, std {stats['std']:.6g} -> scaling_factor {stats['scaling_factor']:.6g}, "
+          f"shift_factor {stats['shift_factor']:.6g}; wrote {output}")
     for path, err in stats["errors"].items():
         print(f"  skipped {path}: {err}", file=sys.stderr)
     return 0
@@ -542,8 +576,9 @@ def cmd_stats(args) -> int:
 def _ray_job(args) -> dict:
     source, filename, revision = checkpoint_source(args)
     return dict(checkpoint=source, filename=filename, revision=revision, batch_size=args.batch_size,
-                concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor, dtype=args.dtype,
-                address=args.address, num_cpus=args.num_cpus)
+                concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
+                num_cpus_per_actor=args.num_cpus_per_actor, dtype=args.dtype, address=args.address,
+                num_cpus=args.num_cpus)
 
 
 def _print_report(report) -> int:
@@ -569,7 +604,8 @@ def cmd_tokenize(args) -> int:
     checkpoint_source(args)
     _check_ray_paths(args.inputs, args.output)
     return _print_report(tokenize(args.inputs, args.output, format=args.format, shard_size=args.shard_size,
-                            image_column=args.image_column, key_column=args.key_column, **_ray_job(args)))
+                                  resolution=args.resolution, flip=args.flip, store=args.store, labels=args.labels,
+                                  image_column=args.image_column, key_column=args.key_column, **_ray_job(args)))
 
 
 def cmd_detokenize(args) -> int:
@@ -580,7 +616,7 @@ def cmd_detokenize(args) -> int:
     if not Path(args.latents).is_dir():
         raise NotADirectoryError(f"{args.latents} is a file, expected the folder of shards `ssdd tokenize` wrote")
     return _print_report(detokenize(args.latents, args.output, steps=args.steps, t_pow_shift=args.t_pow_shift,
-                              seed=args.seed, **_ray_job(args)))
+                                    seed=args.seed, **_ray_job(args)))
 
 
 # -- export ---------------------------------------------------------------------------------------------------

@@ -237,6 +237,21 @@ def center_crop(x: torch.Tensor, multiple_of: int, *, name: str = "image") -> to
     return x[..., top:top + h, left:left + w]
 
 
+def adm_center_crop(image, size: int):
+    """The ADM / guided-diffusion `center_crop_arr` (as in fast-DiT and LightningDiT `extract_features.py`): a PIL
+    image -> RGB PIL image of size x size: halve with BOX while the short side is >= 2 * size, resize the short
+    side to `size` with BICUBIC, then center-crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     """Write one image atomically; the format comes from `path`'s suffix (PNG for .png)."""
     (img,) = tensor_to_pil(x if x.dim() == 4 else x[None])

@@ -58,6 +58,8 @@ def test_stats_cli(tmp_path, make_checkpoint, s_model):
     s = json.loads(out.read_text())
     assert (s["num_images"], s["num_errors"]) == (3, 1) and list(s["errors"]) == [str(folder / "broken.png")]
     assert s["checkpoint"].startswith("f8c4_S_0.safetensors@sha256:") and s["encoder"] == "f8c4"
+    assert s["latents_mean"] == s["channel_mean"] and s["latents_std"] == s["channel_std"]
+    assert len(s["latents_std"]) == 4
 
     model = s_model
     z = torch.cat([model.encode(load_image(folder / f"{i}.png", multiple_of=8)).mode().double()
@@ -71,3 +73,23 @@ def test_stats_cli(tmp_path, make_checkpoint, s_model):
 
     vae = SSDDVAE.from_model(model, latent_stats=out)
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (s["scaling_factor"], s["shift_factor"])
+
+
+def test_stats_cli_reads_tokenize_shards_without_a_checkpoint(tmp_path, capsys):
+    pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install 'ssdd-runtime[ray]')")
+    from ssdd_runtime import data as sdata
+    from ssdd_runtime.cli import main
+
+    z = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0)).numpy()
+    sdata.write_shard(tmp_path / "shard-00000.parquet", ["a", "b", "c"], [0, 1, 0], {"latent": z},
+                      {"shape": [4, 2, 2], "errors": {}})
+    assert main(["stats", str(tmp_path)]) == 0  # no --checkpoint, no re-encoding
+    s = json.loads((tmp_path / ".ssdd" / "latent_stats.json").read_text())
+    flat = z.transpose(1, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_allclose(s["latents_mean"], flat.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(s["latents_std"], flat.std(1, ddof=1), rtol=1e-6)
+    assert ls.latent_normalization(stats=s) == (s["scaling_factor"], s["shift_factor"])  # SSDDVAE's reader
+    # images need a checkpoint: a one-line usage error, not a traceback
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    assert main(["stats", str(tmp_path / "x.png"), "-o", str(tmp_path / "s.json")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err

@@ -105,7 +105,32 @@ class LatentStats:
         std = (m2 / (C * n - 1)) ** 0.5
         return {"mean": mean, "std": std, "channel_mean": self.mean.tolist(),
                 "channel_std": (self.m2 / (n - 1)).sqrt().tolist(), "values_per_channel": n,
-                "scaling_factor": 1.0 / std, "shift_factor": mean}
+                "scaling_factor": 1.0 / std, "shift_factor": mean,
+                # diffusers' per-channel names (AutoencoderKL config latents_mean / latents_std), read by
+                # ssdd_runtime.data.channel_stats and LatentDataset(normalize=...)
+                "latents_mean": self.mean.tolist(), "latents_std": (self.m2 / (n - 1)).sqrt().tolist()}
+
+
+def shard_latent_stats(folder: str | os.PathLike) -> dict:
+    """The statistics of `compute_latent_stats` from the `latent` column of the shards `ssdd tokenize` wrote to
+    `folder` (no re-encoding; flipped copies and log-variances are not included)."""
+    from ssdd_runtime.data import list_shards, read_manifest, read_shard
+
+    acc, num = None, 0
+    for path in list_shards(folder):
+        z = read_shard(path, ("latent",))[0]["latent"]
+        if acc is None and len(z):
+            acc = LatentStats(z.shape[1])
+        if len(z):
+            acc.update(z)
+            num += len(z)
+    if acc is None:
+        raise ValueError(f"the shards in {folder} hold no latents")
+    manifest = read_manifest(folder) or {}
+    out = acc.summary()
+    out.update(num_images=num, num_errors=len(manifest.get("errors", {})), errors=manifest.get("errors", {}),
+               encoder=manifest.get("encoder"), checkpoint=manifest.get("checkpoint"), source=str(folder))
+    return out
 
 
 def compute_latent_stats(model, paths: list[str | os.PathLike], *, batch_size: int = 8) -> dict:

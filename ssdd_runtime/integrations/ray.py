@@ -1,23 +1,26 @@
-"""Dataset-scale tokenization on Ray Data: images -> latent shards (`tokenize`), shards -> PNGs (`detokenize`).
+"""Dataset-scale tokenization on Ray Data: images -> training-ready latent shards (`tokenize`), shards -> PNGs
+(`detokenize`). The shard format and the torch datasets that read it are in `ssdd_runtime.data`.
 
 Flow of `tokenize` (the same for one machine and a multi-node cluster):
-1. The driver lists the inputs (image folders, image files, parquet files with an image-bytes column) into
-   items with a unique key, in a deterministic order, and cuts them into shards of `shard_size` items.
-2. Shards whose output file already exists are skipped (files are written to a temporary name and renamed, so
-   an existing shard is a complete one): re-running the same command resumes an interrupted job.
-3. The items of the missing shards go through `Dataset.map_batches` with an actor pool: each actor loads the
-   model once (`SSDD.from_pretrained`, on its GPU when `num_gpus_per_actor > 0`), reads and decodes its images,
-   and encodes them with `model.encode(x).mode()` (the latent mean, fp32).
-4. The driver collects the rows and writes each shard as soon as all its items are back: parquet (columns key,
-   latent (fp32 little-endian bytes), shape, checkpoint, error) or safetensors (one tensor per key, metadata JSON
-   with keys, shapes, errors, checkpoint). Only the driver writes, so OUTDIR needs no shared filesystem; the
-   inputs and a local `--checkpoint` must be readable by every node (shared storage), or use `--repo` so each
-   node downloads the checkpoint into its own Hugging Face cache.
+1. The driver lists the inputs (image folders, image files, parquet files with an image column: bytes, or the
+   Hugging Face `{"bytes", "path"}` struct) into items with a unique key and a label, in key order.
+2. Preprocessing is fixed per job: `resolution=N` is the ADM center crop + resize to N x N (fast-DiT and
+   LightningDiT `extract_features.py`); without it each image keeps its size, center-cropped to multiples of the
+   encoder stride, and the driver reads every image header first so that items are grouped by latent shape:
+   each shard holds one shape. Shards are cut from the shape groups, `shard_size` items each.
+3. Shards whose file exists are skipped (files are renamed into place complete): re-running resumes a job.
+4. The items of the missing shards go through `Dataset.map_batches` with an actor pool: each actor loads the
+   model once, uses the CPUs it is given (`torch.set_num_threads(num_cpus_per_actor)`), reads and decodes its
+   images and encodes them (and their horizontal flips with `flip=True`) with `model.encode`: the mean, and
+   the log-variance with `store="moments"`.
+5. The driver collects rows and writes each shard (`ssdd_runtime.data.write_shard`) once all its items are back.
+   Only the driver writes, so OUTDIR needs no shared filesystem; the inputs and a local `--checkpoint` must be
+   readable by every node (or use `--repo` so each node downloads the checkpoint into its own HF cache).
 
-Bad items (unreadable file, not an image, image smaller than the encoder stride) never stop the job: each is
-recorded with its error message in its shard (parquet `error` column / safetensors metadata "errors"), counted
-in the returned report, and logged. Images are encoded at their own size, center-cropped to multiples of the
-encoder stride (as `ssdd encode` does); images of different sizes in one batch are encoded in same-size groups.
+Bad items (unreadable file, not an image, decompression bomb, missing HF path, image smaller than the stride)
+never stop the job: each is recorded with its message (shard metadata "errors", or the manifest "errors" for
+items whose header could not be read while planning), counted in the report and logged; data shards hold
+only good rows, so a training loop never meets a null latent.
 
 ray is imported inside the functions that need it (`pip install 'ssdd-runtime[ray]'`); this module's name does
 not shadow the real package because every import here is absolute.
@@ -30,6 +33,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -37,15 +41,17 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from ssdd_runtime.io import (IMAGE_SUFFIXES, center_crop, pil_to_tensor, same_shape_batches, scan_folder,
-                             tensor_to_pil)
+from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, list_shards, read_shard, shard_path,
+                               write_shard)
+from ssdd_runtime.io import (IMAGE_SUFFIXES, adm_center_crop, center_crop, confined_path,
+                             pil_to_tensor, same_shape_batches, scan_folder, tensor_to_pil, unique_names,
+                             write_bytes_atomic, write_text_atomic)
 from ssdd_runtime.sampler import T_POW_SHIFT, seeded_noise
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'ssdd-runtime[ray]' (ray[data] and pyarrow)"
-MANIFEST = "_ssdd_tokenize.json"
-FORMATS = ("parquet", "safetensors")
+STORES = ("mode", "moments")
 
 
 def _import_ray():
@@ -57,8 +63,16 @@ def _import_ray():
     return ray
 
 
+def _bad_image_errors() -> tuple[type[BaseException], ...]:
+    """What reading one image may raise: PIL's OSError/UnidentifiedImageError, SyntaxError (broken headers),
+    EOFError (truncated), DecompressionBombError (a header claiming > 2 * MAX_IMAGE_PIXELS), and ValueError."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Inputs and the shard plan
+# Inputs, labels and the shard plan
 
 
 @dataclass(frozen=True)
@@ -66,86 +80,113 @@ class Item:
     key: str  # unique name: relative path for folders, the path as given for files, "<parquet stem>/<row>" rows
     path: str  # image file, or the parquet file holding the row
     row: int = -1  # >= 0: row index inside the parquet file
+    label: int = -1  # class index, -1 without labels
 
 
-def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image",
-                key_column: str | None = None) -> list[Item]:
-    """Expand folders (recursively: image files and *.parquet), image files and parquet files into items, sorted
-    by key. Parquet rows take their key from `key_column` when given, else "<file stem>/<row:08d>"."""
+def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image", key_column: str | None = None,
+                labels: str = "none") -> tuple[list[Item], list[str] | None]:
+    """Expand folders (recursively: image files and *.parquet), image files and parquet files into items sorted
+    by key, and the class names (None when labels are not class names). Parquet rows take their key from
+    `key_column` when given, else "<file stem>/<row:08d>".
+
+    labels: "none" (label -1); "folder": ImageFolder-style, the first sub-folder under the input folder names
+    the class and classes are numbered in sorted order (torchvision's convention); any other value is a parquet
+    column: integers are kept, strings numbered in sorted order."""
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not sources:
         raise ValueError("no inputs given: expected a folder, image files or parquet files")
-    items: list[Item] = []
+    column = None if labels in ("none", "folder") else labels
+    found: list[tuple[Item, object]] = []  # (item without label, raw label)
     for src in sources:
         p = Path(src)
         if p.is_dir():
             for f in scan_folder(p, IMAGE_SUFFIXES + (".parquet",)):
                 rel = f.relative_to(p).as_posix()
+                folder = rel.split("/")[0] if "/" in rel else None
                 if f.suffix.lower() == ".parquet":
-                    items += _parquet_items(f, rel[: -len(".parquet")], image_column, key_column)
+                    found += [(it, folder if labels == "folder" else raw) for it, raw in
+                              _parquet_items(f, rel[: -len(".parquet")], image_column, key_column, column)]
                 else:
-                    items.append(Item(rel, str(f)))
+                    found.append((Item(rel, str(f)), folder))
         elif p.is_file():
             if p.suffix.lower() == ".parquet":
-                items += _parquet_items(p, p.stem, image_column, key_column)
+                found += _parquet_items(p, p.stem, image_column, key_column, column)
             else:  # any other file is taken as an image; unreadable ones are reported per item, not here
-                items.append(Item(str(src), str(p)))
+                found.append((Item(str(src), str(p)), None))
         else:
             raise FileNotFoundError(f"input not found: {src} (expected a folder, an image file or a parquet file)")
-    items.sort(key=lambda it: it.key)
-    dup = [a.key for a, b in zip(items, items[1:]) if a.key == b.key]
+    found.sort(key=lambda pair: pair[0].key)
+    dup = [a.key for (a, _), (b, _) in zip(found, found[1:]) if a.key == b.key]
     if dup:
         raise ValueError(f"duplicate item keys {dup[:5]}: give each input folder/file once, or a unique "
                          f"--key-column for parquet")
-    return items
+    if labels == "none":
+        return [it for it, _ in found], None
+    missing = [it.key for it, raw in found if raw is None]
+    if missing:
+        where = ("images inside class sub-folders of an input folder (ImageFolder layout)" if labels == "folder"
+                 else f"parquet rows with a non-null {labels!r} column")
+        raise ValueError(f"--labels {labels}: {len(missing)} items have no label, e.g. {missing[:3]}; expected {where}")
+    raws = [raw for _, raw in found]
+    if all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in raws):
+        return [Item(it.key, it.path, it.row, int(r)) for it, r in found], None
+    if all(isinstance(r, str) for r in raws):
+        classes = sorted(set(raws))
+        index = {c: i for i, c in enumerate(classes)}
+        return [Item(it.key, it.path, it.row, index[r]) for it, r in found], classes
+    kinds = sorted({type(r).__name__ for r in raws})
+    raise ValueError(f"--labels {labels}: labels must be all integers or all strings, got {kinds}")
 
 
-def _parquet_items(path: Path, prefix: str, image_column: str, key_column: str | None) -> list[Item]:
+def _parquet_items(path: Path, prefix: str, image_column: str, key_column: str | None,
+                   label_column: str | None) -> list[tuple[Item, object]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    if image_column not in names:
-        raise ValueError(f"{path} has no image column {image_column!r}; columns are {names}")
-    if key_column is None:
-        return [Item(f"{prefix}/{r:08d}", str(path), r) for r in range(pf.metadata.num_rows)]
-    if key_column not in names:
-        raise ValueError(f"{path} has no key column {key_column!r}; columns are {names}")
-    keys = pf.read(columns=[key_column]).column(0).to_pylist()
-    return [Item(str(k), str(path), r) for r, k in enumerate(keys)]
+    for what, col in (("image", image_column), ("key", key_column), ("label", label_column)):
+        if col is not None and col not in names:
+            raise ValueError(f"{path} has no {what} column {col!r}; columns are {names}")
+    n = pf.metadata.num_rows
+    keys = ([f"{prefix}/{r:08d}" for r in range(n)] if key_column is None
+            else [str(k) for k in pf.read(columns=[key_column]).column(0).to_pylist()])
+    raws = [None] * n if label_column is None else pf.read(columns=[label_column]).column(0).to_pylist()
+    return [(Item(k, str(path), r), raw) for r, (k, raw) in enumerate(zip(keys, raws))]
 
 
-def plan_shards(items: list[Item], shard_size: int) -> list[list[Item]]:
+def plan_shards(items: list[Item], shard_size: int, shapes: dict[str, tuple] | None = None
+                ) -> list[tuple[tuple, list[Item]]]:
+    """[(latent shape, items)] per shard: items grouped by shape (sorted), in key order inside a group, cut into
+    `shard_size`. `shapes` maps key -> shape (items without one are left out); None: one group of shape ()."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    return [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-
-
-def shard_path(output_dir: Path, index: int, fmt: str) -> Path:
-    return output_dir / f"shard-{index:05d}.{fmt}"
+    groups: dict[tuple, list[Item]] = defaultdict(list)
+    for it in items:
+        if shapes is None:
+            groups[()].append(it)
+        elif it.key in shapes:
+            groups[shapes[it.key]].append(it)
+    return [(shape, group[i:i + shard_size]) for shape, group in sorted(groups.items())
+            for i in range(0, len(group), shard_size)]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Workers (plain classes: Ray Data runs one instance per actor)
+# Reading images (driver: headers while planning; actors: pixels)
 
 
-def _image_from_bytes(data: bytes, stride: int) -> torch.Tensor:
-    """Encoded image bytes -> (1, 3, H, W) in [-1, 1], center-cropped to multiples of the stride."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return center_crop(pil_to_tensor(im), stride)
-
-
-class _ParquetRows:
-    """Reads single cells of an image column, caching the last row group (batches are mostly consecutive rows)."""
+class _ImageSource:
+    """An item's encoded bytes: an image file, or a parquet cell (bytes, or a Hugging Face Image struct holding
+    bytes or a path, relative to the parquet file's folder). Caches the last row group read."""
 
     def __init__(self, column: str):
         self.column = column
         self.files: dict = {}
         self.cached: tuple | None = None  # (path, row group, pylist, first row)
 
-    def get(self, path: str, row: int) -> bytes:
+    def read(self, path: str, row: int) -> bytes:
+        if row < 0:
+            with open(path, "rb") as f:
+                return f.read()
         import pyarrow.parquet as pq
 
         if path not in self.files:
@@ -158,54 +199,110 @@ class _ParquetRows:
             values = pf.read_row_group(g, columns=[self.column]).column(0).to_pylist()
             self.cached = (path, g, values, int(starts[g]))
         value = self.cached[2][row - self.cached[3]]
+        where = f"row {row} of {path}, column {self.column!r}"
         if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
-            value = value.get("bytes")
+            if value.get("bytes") is not None:
+                value = value["bytes"]
+            elif value.get("path"):
+                image = Path(path).parent / value["path"]  # absolute paths stay as they are
+                if not image.is_file():
+                    raise FileNotFoundError(f"{where}: image path {value['path']!r} not found (looked for {image}, "
+                                            "relative to the parquet file)")
+                with open(image, "rb") as f:
+                    return f.read()
+            else:
+                raise ValueError(f"{where}: image struct has neither bytes nor a path")
         if not isinstance(value, (bytes, bytearray)):
-            raise ValueError(f"row {row} of {path}: column {self.column!r} holds {type(value).__name__}, "
-                             "expected image bytes")
+            raise ValueError(f"{where} holds {type(value).__name__}, expected image bytes")
         return bytes(value)
 
 
-def _load_model(source, filename, revision, dtype, num_gpus: float):
+def _latent_shape(source: _ImageSource, item: Item, stride: int, channels: int) -> tuple[int, int, int]:
+    """Latent shape of an image kept at its own size, from its header only (no pixel decoding; an image file is
+    opened in place, so only its first bytes are read)."""
+    from PIL import Image
+
+    with Image.open(item.path if item.row < 0 else io.BytesIO(source.read(item.path, item.row))) as im:
+        W, H = im.size
+    if H < stride or W < stride:
+        raise ValueError(f"image is {W}x{H}: smaller than the encoder stride {stride}")
+    return channels, H // stride, W // stride
+
+
+def _decode_image(data: bytes, stride: int, resolution: int | None) -> torch.Tensor:
+    """Encoded image bytes -> (1, 3, H, W) in [-1, 1]: ADM crop to resolution^2, else cropped to the stride."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if resolution:
+            return pil_to_tensor(adm_center_crop(im, resolution))
+        return center_crop(pil_to_tensor(im), stride)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers (plain classes: Ray Data runs one instance per actor)
+
+
+def _load_model(source, filename, revision, dtype, num_gpus: float, num_threads: int):
     from ssdd_runtime.api import SSDD
 
+    torch.set_num_threads(num_threads)  # the actor's CPU share; torch would otherwise pick 1 under Ray
     device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     return SSDD.from_pretrained(source, filename, revision=revision, dtype=dtype, device=device)
 
 
 class _EncodeActor:
-    def __init__(self, source, filename, revision, dtype, num_gpus, image_column):
-        self.model = _load_model(source, filename, revision, dtype, num_gpus)
-        self.rows = _ParquetRows(image_column)
+    def __init__(self, source, filename, revision, dtype, num_gpus, num_threads, image_column, resolution, flip,
+                 store):
+        self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads)
+        self.source = _ImageSource(image_column)
+        self.resolution, self.flip, self.store = resolution, flip, store
+        self.fields = fields_for(flip, store)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        latents, shapes, errors = [b""] * n, [""] * n, [""] * n
+        out = {f: [b""] * n for f in self.fields}
+        shapes, errors = [""] * n, [""] * n
         images = []  # (index, (1, 3, H, W))
         for i in range(n):
-            path, row = str(batch["path"][i]), int(batch["row"][i])
             try:
-                if row >= 0:
-                    data = self.rows.get(path, row)
-                else:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                images.append((i, _image_from_bytes(data, self.model.stride)))
-            except (OSError, ValueError, SyntaxError) as e:  # PIL: OSError/UnidentifiedImageError, SyntaxError
+                data = self.source.read(str(batch["path"][i]), int(batch["row"][i]))
+                images.append((i, _decode_image(data, self.model.stride, self.resolution)))
+            except _bad_image_errors() as e:
                 errors[i] = f"{type(e).__name__}: {e}"
         images.sort(key=lambda item: tuple(item[1].shape))  # stable: one forward pass per image size
         for index, x in same_shape_batches(images):
-            z = self.model.encode(x).mode().cpu()  # fp32 (b, C, h, w)
-            for i, zi in zip(index, z):
-                latents[i] = zi.numpy().astype("<f4").tobytes()
-                shapes[i] = ",".join(map(str, zi.shape))
-        return {"key": batch["key"], "shard": batch["shard"], "latent": np.array(latents, dtype=object),
-                "shape": np.array(shapes, dtype=object), "error": np.array(errors, dtype=object)}
+            B = len(index)
+            try:
+                post = self.model.encode(torch.cat([x, x.flip(-1)]) if self.flip else x)
+            except ValueError as e:  # e.g. non-finite values: the whole group is recorded, the job goes on
+                for i in index:
+                    errors[i] = f"{type(e).__name__}: {e}"
+                continue
+            moments = {"latent": post.mean, "logvar": post.logvar}
+            for name in self.fields:
+                z = moments[name.removesuffix("_flip")].float().cpu()
+                z = z[B:] if name.endswith("_flip") else z[:B]
+                for i, zi in zip(index, z):
+                    out[name][i] = zi.numpy().astype("<f4").tobytes()
+            for i in index:
+                shapes[i] = ",".join(map(str, post.mean.shape[1:]))
+        res = {"key": batch["key"], "shape": np.array(shapes, dtype=object), "error": np.array(errors, dtype=object)}
+        res.update({f: np.array(v, dtype=object) for f, v in out.items()})
+        return res
+
+
+def fields_for(flip: bool, store: str) -> list[str]:
+    """Latent fields a job stores: latent [, latent_flip] [, logvar [, logvar_flip]]."""
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    return ["latent"] + (["latent_flip"] if flip else []) + (
+        (["logvar"] + (["logvar_flip"] if flip else [])) if store == "moments" else [])
 
 
 class _DecodeActor:
-    def __init__(self, source, filename, revision, dtype, num_gpus, steps, t_pow_shift, seed):
-        self.model = _load_model(source, filename, revision, dtype, num_gpus)
+    def __init__(self, source, filename, revision, dtype, num_gpus, num_threads, steps, t_pow_shift, seed):
+        self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads)
         self.steps, self.t_pow_shift, self.seed = steps, t_pow_shift, seed
         self.cached: tuple | None = None  # (shard path, {key: latent})
 
@@ -217,7 +314,8 @@ class _DecodeActor:
             shard, key = str(batch["shard_file"][i]), str(batch["key"][i])
             try:
                 if self.cached is None or self.cached[0] != shard:
-                    self.cached = (shard, read_shard(shard)[0])
+                    cols = read_shard(shard, ("latent",))[0]
+                    self.cached = (shard, dict(zip(cols["key"], cols["latent"])))
                 latents.append((i, self.cached[1][key][None]))
             except (OSError, ValueError, KeyError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
@@ -236,82 +334,6 @@ class _DecodeActor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shard files
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_shard(path: Path, rows: list[dict], info: dict) -> None:
-    """rows: dicts with key, latent (fp32 bytes or b""), shape ("C,h,w" or ""), error ("" if none), in order."""
-    fmt = path.suffix[1:]
-    meta = {**info, "keys": [r["key"] for r in rows],
-            "errors": {r["key"]: r["error"] for r in rows if r["error"]}}
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        ok = [not r["error"] for r in rows]
-        table = pa.table({
-            "key": pa.array([r["key"] for r in rows], pa.string()),
-            "latent": pa.array([r["latent"] if k else None for r, k in zip(rows, ok)], pa.binary()),
-            "shape": pa.array([[int(s) for s in r["shape"].split(",")] if k else None for r, k in zip(rows, ok)],
-                              pa.list_(pa.int32())),
-            "checkpoint": pa.array([info["checkpoint"]] * len(rows), pa.string()),
-            "error": pa.array([r["error"] or None for r in rows], pa.string()),
-        })
-        table = table.replace_schema_metadata({"ssdd": json.dumps({k: v for k, v in meta.items() if k != "keys"})})
-        _write_atomic(path, lambda p: pq.write_table(table, p))
-    elif fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        tensors = {r["key"]: _latent_tensor(r) for r in rows if not r["error"]}
-        _write_atomic(path, lambda p: save_file(tensors, str(p), metadata={"ssdd": json.dumps(meta)}))
-    else:
-        raise ValueError(f"unknown shard format {fmt!r}; expected one of {FORMATS}")
-
-
-def _latent_tensor(r: dict) -> torch.Tensor:
-    shape = tuple(int(s) for s in r["shape"].split(","))
-    return torch.from_numpy(np.frombuffer(r["latent"], dtype="<f4").reshape(shape).copy())
-
-
-def read_shard(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """A shard written by `tokenize` -> ({key: fp32 latent (C, h, w)}, info with "errors" {key: message})."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        info = json.loads((table.schema.metadata or {}).get(b"ssdd", b"{}"))
-        latents = {}
-        for key, blob, shape in zip(*(table.column(c).to_pylist() for c in ("key", "latent", "shape"))):
-            if blob is not None:
-                latents[key] = torch.from_numpy(np.frombuffer(blob, dtype="<f4").reshape(shape).copy())
-        return latents, info
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {}).get("ssdd", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, info
-    raise ValueError(f"{path}: not a shard (.parquet or .safetensors)")
-
-
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"latent folder not found: {d}")
-    shards = sorted(p for p in d.iterdir() if p.name.startswith("shard-") and p.suffix[1:] in FORMATS)
-    if not shards:
-        raise FileNotFoundError(f"no shard-*.parquet / shard-*.safetensors files in {d}")
-    return shards
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Jobs
 
 
@@ -320,12 +342,13 @@ class Report:
     output_dir: str
     total: int = 0  # items in the whole job (this run and earlier runs)
     done: int = 0  # items processed by this run (encoded/decoded successfully)
-    failed: int = 0  # items of this run that failed (see errors)
+    failed: int = 0  # items of this run that failed (see errors), including those failing while planning
     skipped: int = 0  # items skipped because their shard / PNG already existed
     shards_written: list[int] = field(default_factory=list)
     shards_skipped: list[int] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # key -> message, this run
     checkpoint: str | None = None
+    startup_s: float = 0.0  # Ray start and actor pool start-up until the first batch came back
 
     def summary(self) -> str:
         s = (f"{self.done} ok, {self.failed} failed, {self.skipped} skipped (already done) of {self.total} items")
@@ -333,103 +356,174 @@ class Report:
             s += f"; shards: {len(self.shards_written)} written, {len(self.shards_skipped)} skipped"
         return s + f" -> {self.output_dir}"
 
+    def fail(self, key: str, message: str, what: str) -> None:
+        self.failed += 1
+        self.errors[key] = message
+        log.warning("%s: %s failed: %s", what, key, message)
+
 
 def _start_ray(address: str | None, num_cpus: int | None):
     ray = _import_ray()
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus)
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return ray
 
 
-def _pool(ray, num_gpus_per_actor: float | None, concurrency: int | None) -> tuple[float, int]:
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+def _pool(ray, num_gpus_per_actor: float | None, num_cpus_per_actor: float | None, concurrency: int | None
+          ) -> tuple[float, float, int]:
+    """(GPUs per actor, CPUs per actor, actors). GPU default: one actor per GPU with 1 CPU. CPU default: the
+    cluster's cores shared by the pool: one actor per node-sized share (a local machine: one actor, all cores),
+    or `concurrency` actors splitting the cores."""
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
     if num_gpus_per_actor is None:
         num_gpus_per_actor = 1.0 if gpus > 0 else 0.0
     if num_gpus_per_actor < 0:
         raise ValueError(f"num_gpus_per_actor must be >= 0, got {num_gpus_per_actor}")
-    if concurrency is None:
-        concurrency = max(1, int(gpus // num_gpus_per_actor)) if num_gpus_per_actor > 0 else 1
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+    if num_cpus_per_actor is not None and not num_cpus_per_actor > 0:
+        raise ValueError(f"num_cpus_per_actor must be > 0, got {num_cpus_per_actor}")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
         raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
-    return num_gpus_per_actor, concurrency
+    if num_gpus_per_actor > 0:
+        concurrency = concurrency or max(1, int(gpus // num_gpus_per_actor))
+        return num_gpus_per_actor, num_cpus_per_actor or 1.0, concurrency
+    if num_cpus_per_actor is None:
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        num_cpus_per_actor = float(max(1, int(cpus // concurrency))) if concurrency else float(max(1, node_cpus))
+    concurrency = concurrency or max(1, int(cpus // num_cpus_per_actor))
+    return 0.0, num_cpus_per_actor, concurrency
 
 
-def _map_kwargs(ray, ctor: dict, batch_size: int, num_gpus: float, concurrency: int) -> dict:
+def _map(ds, ray, actor, ctor: dict, batch_size: int, pool: tuple[float, float, int]):
+    """`ds.map_batches(actor)` on an actor pool of `pool` = (GPUs, CPUs, actors) each."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return dict(fn_constructor_kwargs=ctor, batch_size=batch_size, batch_format="numpy", num_gpus=num_gpus,
-                compute=ray.data.ActorPoolStrategy(size=concurrency))
+    num_gpus, num_cpus, concurrency = pool
+    ctor = {**ctor, "num_gpus": num_gpus, "num_threads": max(1, math.ceil(num_cpus))}
+    # max_restarts=0: with Ray Data's default (-1) Ray core logs an E-level line on every run (actor constructor
+    # arguments in the object store with restarts on). Bad items never crash an actor (they are caught per item);
+    # a lost node fails the job, and re-running resumes it from the shards already written. Ray 2.60 takes
+    # max_restarts only through the deprecated **ray_remote_args, hence the filter.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(actor, fn_constructor_kwargs=ctor, batch_size=batch_size, batch_format="numpy",
+                              num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
+                              compute=ray.data.ActorPoolStrategy(size=concurrency))
 
 
-def _resolve(source, filename, revision) -> tuple[Path, str]:
+def _resolve(source, filename, revision) -> tuple[Path, str, str, int, int]:
+    """(local checkpoint path, checkpoint id, encoder name, stride, latent channels): shapes only, no weights."""
+    from safetensors import safe_open
+
     from ssdd_runtime.integrations.latent_stats import checkpoint_id
-    from ssdd_runtime.weights import resolve_checkpoint
+    from ssdd_runtime.weights import infer_config, resolve_checkpoint
 
     path = resolve_checkpoint(source, filename, revision=revision)
-    return path, checkpoint_id(path)
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    enc, _ = infer_config(shapes)
+    return path, checkpoint_id(path), enc.name, 2 ** (len(enc.ch_mult) - 1), enc.z_dim
+
+
+def _items_dataset(ray, rows: list[dict], batch_size: int):
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / batch_size))))
 
 
 def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.PathLike, filename: str | None = None,
              revision: str | None = None, format: str = "parquet", shard_size: int = 256, batch_size: int = 8,
-             concurrency: int | None = None, num_gpus_per_actor: float | None = None, dtype: str = "fp32",
-             image_column: str = "image", key_column: str | None = None, address: str | None = None,
-             num_cpus: int | None = None) -> Report:
-    """Encode every input image to its latent mean and write shards to output_dir (module docstring).
+             resolution: int | None = None, flip: bool = False, store: str = "mode", labels: str = "none",
+             concurrency: int | None = None, num_gpus_per_actor: float | None = None,
+             num_cpus_per_actor: float | None = None, dtype: str = "fp32", image_column: str = "image",
+             key_column: str | None = None, address: str | None = None, num_cpus: int | None = None) -> Report:
+    """Encode every input image and write training-ready shards to output_dir (module docstring and
+    `ssdd_runtime.data` for the format).
 
-    checkpoint: a local .safetensors path or a Hub repo id (then `filename`). Ray: an already initialised Ray is
-    used as is, else `ray.init(address=address, num_cpus=num_cpus)` (address None starts a local instance,
-    "auto" or "ray://host:10001" joins a cluster). Actors: `concurrency` of them (default: one per GPU, or 1 on
-    CPU), each with `num_gpus_per_actor` GPUs (default 1 when the cluster has GPUs, else 0 = CPU).
+    resolution: ADM center crop + resize to N x N (a multiple of the encoder stride); None keeps each image's
+    size. flip: also store the horizontally flipped image's latent. store: "mode" (the mean) or "moments" (mean
+    and logvar). labels: "none", "folder" or a parquet column (`list_inputs`). checkpoint: a local .safetensors
+    or a Hub repo id (then `filename`). Ray: an initialised Ray is used as is, else `ray.init(address=address,
+    num_cpus=num_cpus)`. Actors: see `_pool` (concurrency, num_gpus_per_actor, num_cpus_per_actor).
     """
+    import time
+
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    fields = fields_for(flip, store)
     out = Path(output_dir)
-    items = list_inputs(inputs, image_column=image_column, key_column=key_column)
-    shards = plan_shards(items, shard_size)
-    ckpt_path, ckpt_id = _resolve(checkpoint, filename, revision)
-    manifest = {"checkpoint": ckpt_id, "format": format, "shard_size": shard_size, "num_items": len(items),
-                "num_shards": len(shards), "keys_sha256": hashlib.sha256("\n".join(i.key for i in items).encode())
-                .hexdigest()}
-    out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out / MANIFEST, manifest)
+    ckpt_path, ckpt_id, encoder, stride, channels = _resolve(checkpoint, filename, revision)
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or resolution < stride or resolution % stride):
+        raise ValueError(f"resolution must be a positive multiple of the encoder stride {stride}, got {resolution!r}")
+    items, classes = list_inputs(inputs, image_column=image_column, key_column=key_column, labels=labels)
     report = Report(str(out), total=len(items), checkpoint=ckpt_id)
+    plan_errors: dict[str, str] = {}
+    if resolution is not None:
+        fixed = (channels, resolution // stride, resolution // stride)
+        shapes = {it.key: fixed for it in items}
+    else:  # keep sizes: read every header so that each shard holds one latent shape
+        source, shapes = _ImageSource(image_column), {}
+        for it in items:
+            try:
+                shapes[it.key] = _latent_shape(source, it, stride, channels)
+            except _bad_image_errors() as e:
+                plan_errors[it.key] = f"{type(e).__name__}: {e}"
+    shards = plan_shards(items, shard_size, shapes)
+    job = {"format_version": FORMAT_VERSION, "checkpoint": ckpt_id, "encoder": encoder, "format": format,
+           "shard_size": shard_size, "resolution": resolution, "flip": flip, "store": store, "labels": labels,
+           "classes": classes, "num_items": len(items),
+           "keys_sha256": hashlib.sha256("\n".join(i.key for i in items).encode()).hexdigest(),
+           "plan_sha256": hashlib.sha256(json.dumps([[list(s), [i.key for i in g]] for s, g in shards])
+                                         .encode()).hexdigest()}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, {**job, "shards": [{"shape": list(s), "num_items": len(g)} for s, g in shards],
+                          "errors": plan_errors})
     pending = []
-    for s, shard in enumerate(shards):
+    for s, (_, group) in enumerate(shards):
         if shard_path(out, s, format).exists():
             report.shards_skipped.append(s)
-            report.skipped += len(shard)
+            report.skipped += len(group)
         else:
             pending.append(s)
+    if pending or not shards:  # planning errors are this run's when it has work (or nothing else) to do
+        for key, msg in plan_errors.items():
+            report.fail(key, msg, "tokenize")
     log.info("tokenize: %d items in %d shards, %d shards to write", len(items), len(shards), len(pending))
     if not pending:
         return report
 
+    t0 = time.perf_counter()
     ray = _start_ray(address, num_cpus)
-    num_gpus, concurrency = _pool(ray, num_gpus_per_actor, concurrency)
-    rows = [{"key": it.key, "path": it.path, "row": it.row, "shard": s} for s in pending for it in shards[s]]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / batch_size))))
-    source = str(ckpt_path) if Path(str(checkpoint)).exists() else str(checkpoint)
-    ctor = dict(source=source, filename=None if source == str(ckpt_path) else filename, revision=revision,
-                dtype=dtype, num_gpus=num_gpus, image_column=image_column)
-    ds = ds.map_batches(_EncodeActor, **_map_kwargs(ray, ctor, batch_size, num_gpus, concurrency))
+    pool = _pool(ray, num_gpus_per_actor, num_cpus_per_actor, concurrency)
+    rows = [{"key": it.key, "path": it.path, "row": it.row, "shard": s} for s in pending for it in shards[s][1]]
+    local = Path(str(checkpoint)).exists()
+    ctor = dict(source=str(ckpt_path) if local else str(checkpoint), filename=None if local else filename,
+                revision=revision, dtype=dtype, image_column=image_column, resolution=resolution, flip=flip,
+                store=store)
+    ds = _map(_items_dataset(ray, rows, batch_size), ray, _EncodeActor, ctor, batch_size, pool)
 
-    order = {(s, it.key): j for s in pending for j, it in enumerate(shards[s])}
-    buffers: dict[int, list[dict]] = defaultdict(list)
-    info = {"checkpoint": ckpt_id, "format_version": 1, "dtype": "float32", "layout": "C,h,w"}
+    item_of = {it.key: (s, j, it) for s in pending for j, it in enumerate(shards[s][1])}
+    buffers: dict[int, dict[str, dict]] = defaultdict(dict)  # shard -> key -> row
+    info = {"format_version": FORMAT_VERSION, "checkpoint": ckpt_id, "encoder": encoder, "store": store,
+            "flip": flip, "resolution": resolution, "labels": labels, "classes": classes}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key, s, latent, shape, err in zip(batch["key"], batch["shard"], batch["latent"], batch["shape"],
-                                              batch["error"]):
-            s = int(s)
-            buffers[s].append({"key": str(key), "latent": latent, "shape": str(shape), "error": str(err)})
+        if not report.startup_s:
+            report.startup_s = time.perf_counter() - t0
+        for r in range(len(batch["key"])):
+            key = str(batch["key"][r])
+            s, _, it = item_of[key]
+            err = str(batch["error"][r])
+            shape = tuple(shards[s][0])
+            if not err and str(batch["shape"][r]) != ",".join(map(str, shape)):
+                err = f"ValueError: latent shape {batch['shape'][r]} differs from the planned {shape}"
             if err:
-                report.failed += 1
-                report.errors[str(key)] = str(err)
-                log.warning("tokenize: %s failed: %s", key, err)
+                report.fail(key, err, "tokenize")
+                buffers[s][key] = {"error": err}
             else:
                 report.done += 1
-            if len(buffers[s]) == len(shards[s]):
-                rows_s = sorted(buffers.pop(s), key=lambda r: order[(s, r["key"])])
-                write_shard(shard_path(out, s, format), rows_s, {**info, "shard": s})
+                buffers[s][key] = {f: np.frombuffer(batch[f][r], dtype="<f4").reshape(shape) for f in fields}
+            if len(buffers[s]) == len(shards[s][1]):
+                _write(shard_path(out, s, format), shards[s], buffers.pop(s), fields, {**info, "shard": s})
                 report.shards_written.append(s)
     if buffers:  # every row must come back exactly once; a partial shard is never written
         raise RuntimeError(f"Ray Data returned incomplete shards {sorted(buffers)}: nothing written for them; "
@@ -437,75 +531,87 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
     return report
 
 
-def _check_manifest(path: Path, manifest: dict) -> None:
+def _write(path: Path, shard: tuple[tuple, list[Item]], rows: dict[str, dict], fields: list[str], info: dict):
+    shape, items = shard
+    good = [it for it in items if "error" not in rows[it.key]]
+    latents = {f: np.stack([rows[it.key][f] for it in good]) if good else np.zeros((0, *shape), np.float32)
+               for f in fields}
+    errors = {it.key: rows[it.key]["error"] for it in items if "error" in rows[it.key]}
+    write_shard(path, [it.key for it in good], [it.label for it in good], latents,
+                {**info, "shape": list(shape), "errors": errors})
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    """Write OUT/.ssdd/manifest.json, or refuse a folder holding shards of a different job."""
+    path = out / SIDECAR / MANIFEST
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in manifest.items() if k not in ("shards", "errors") and old.get(k) != v}
         if diff:
-            raise ValueError(f"{path.parent} holds shards of a different job ({', '.join(diff)} differ: "
-                             f"{diff}); use a new output folder or delete it")
+            raise ValueError(f"{out} holds shards of a different job ({', '.join(diff)} differ: {diff}); use a new "
+                             "output folder or delete it")
     else:
-        path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        path.parent.mkdir(exist_ok=True)
+        write_text_atomic(path, json.dumps(manifest, indent=1))
 
 
-def png_name(key: str) -> PurePosixPath:
-    """Output PNG path (relative) for an item key: image suffix replaced by .png, sub-folders kept."""
+def png_name(key: str) -> str:
+    """Output PNG name (relative POSIX path) for an item key: image suffix replaced by .png, sub-folders kept,
+    root, drive and '..' parts dropped (io.confined_path checks the result)."""
     p = PurePosixPath(key.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts:
-        p = PurePosixPath(*[part for part in p.parts if part not in ("/", "..")])
+    parts = [part for part in p.parts if part not in ("/", "..", ".") and not part.endswith(":")]
+    p = PurePosixPath(*parts) if parts else PurePosixPath("_")
     name = p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name
-    return p.with_name(name + ".png")
+    return str(p.with_name(name + ".png"))
 
 
 def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *, checkpoint: str | os.PathLike,
                filename: str | None = None, revision: str | None = None, steps: int = 1,
                t_pow_shift: float = T_POW_SHIFT, seed: int = 0, batch_size: int = 8, concurrency: int | None = None,
-               num_gpus_per_actor: float | None = None, dtype: str = "fp32", address: str | None = None,
-               num_cpus: int | None = None) -> Report:
-    """Decode every latent of the shards in latents_dir to `<output_dir>/<key>.png` (image suffix replaced).
-    PNGs that already exist are skipped (resumable). Every image's start noise comes from
-    `torch.Generator().manual_seed(seed)`, so an image depends only on its latent, the seed and the steps."""
+               num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
+               dtype: str = "fp32", address: str | None = None, num_cpus: int | None = None) -> Report:
+    """Decode every `latent` of the shards in latents_dir to `<output_dir>/<key>.png` (image suffix replaced;
+    names confined to output_dir, colliding names made unique with -1, -2, ... in key order). PNGs that already
+    exist are skipped (resumable). Every image's start noise comes from `torch.Generator().manual_seed(seed)`,
+    so an image depends only on its latent, the seed and the steps."""
     out = Path(output_dir)
-    _, ckpt_id = _resolve(checkpoint, filename, revision)
-    items, names = [], {}
+    _, ckpt_id, *_ = _resolve(checkpoint, filename, revision)
     report = Report(str(out), checkpoint=ckpt_id)
+    entries = []  # (key, shard)
     for shard in list_shards(latents_dir):
-        latents, info = read_shard(shard)
+        cols, info = read_shard(shard, ())
         if info.get("checkpoint") not in (None, ckpt_id):
             log.warning("detokenize: %s was encoded with %s, decoding with %s", shard.name, info["checkpoint"],
                         ckpt_id)
-        for key in info.get("keys", sorted(latents)):
-            if key not in latents:
-                continue  # an item that failed to encode: reported by tokenize, nothing to decode
-            name = png_name(key)
-            if name in names:
-                raise ValueError(f"keys {names[name]!r} and {key!r} both map to {name}: rename one input")
-            names[name] = key
-            report.total += 1
-            if (out / name).exists():
-                report.skipped += 1
-            else:
-                items.append({"key": key, "shard_file": str(shard), "png_name": str(name)})
+        entries += [(key, str(shard)) for key in cols["key"]]
+    entries.sort()
+    items = []
+    for (key, shard), name in zip(entries, unique_names([png_name(k) for k, _ in entries])):
+        report.total += 1
+        try:
+            dest = confined_path(out, name)
+        except ValueError as e:
+            report.fail(key, f"ValueError: {e}", "detokenize")
+            continue
+        if dest.exists():
+            report.skipped += 1
+        else:
+            items.append({"key": key, "shard_file": shard, "png_name": str(dest)})
     if not items:
         return report
     ray = _start_ray(address, num_cpus)
-    num_gpus, concurrency = _pool(ray, num_gpus_per_actor, concurrency)
-    source = str(checkpoint)
-    ctor = dict(source=source, filename=filename, revision=revision, dtype=dtype, num_gpus=num_gpus, steps=steps,
+    pool = _pool(ray, num_gpus_per_actor, num_cpus_per_actor, concurrency)
+    ctor = dict(source=str(checkpoint), filename=filename, revision=revision, dtype=dtype, steps=steps,
                 t_pow_shift=t_pow_shift, seed=seed)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(1000, math.ceil(len(items) / batch_size))))
-    ds = ds.map_batches(_DecodeActor, **_map_kwargs(ray, ctor, batch_size, num_gpus, concurrency))
-    by_key = {it["key"]: it["png_name"] for it in items}
+    ds = _map(_items_dataset(ray, items, batch_size), ray, _DecodeActor, ctor, batch_size, pool)
+    dest_of = {it["key"]: Path(it["png_name"]) for it in items}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for key, png, err in zip(batch["key"], batch["png"], batch["error"]):
             key = str(key)
             if err:
-                report.failed += 1
-                report.errors[key] = str(err)
-                log.warning("detokenize: %s failed: %s", key, err)
+                report.fail(key, str(err), "detokenize")
                 continue
-            dest = out / by_key[key]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(dest, lambda p, data=png: p.write_bytes(data))
+            dest_of[key].parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(dest_of[key], png)
             report.done += 1
     return report
