@@ -272,7 +272,7 @@ def _overflow_message(what: str, x: torch.Tensor) -> str:
     name = "latents" if what == "decode" else "images"
     if amax > 1e3:
         return (f"{what} overflows float32: the {name} reach |x| = {amax:.3g}, far outside the range this model "
-                f"works in (O(1); check the latents' scaling), so the result is not representable")
+                f"works in (O(1); check their scaling), so the result is not representable")
     return (f"{what} produced non-finite values in float32 from {name} within |x| <= {amax:.3g}: the checkpoint "
             "weights hold NaN/inf or overflow")
 
