@@ -114,12 +114,11 @@ def wrap(doc: dict) -> dict:
     """The AOT report inside the one result schema: no timed rows (nothing ran on a GPU), the report under "aot"."""
     env = environment("cpu")
     env["triton"] = doc["triton"]
-    return {"schema": schema.SCHEMA, "env": env,
-            "method": "ahead-of-time compilation only (triton.compile for the listed archs, ptxas -v, cuobjdump "
-                      "-sass); no kernel was run; roofline = max(FLOPs / peak, bytes / bandwidth)",
-            "notes": ["static analysis: no GPU timing; the roofline numbers are estimates for H100 SXM"],
-            "skipped": [{"reason": "no GPU on this machine: compile-only report"}], "results": [], "ratios": [],
-            "aot": doc}
+    return schema.other_kind("aot", env, "ahead-of-time compilation only (triton.compile for the listed archs, "
+                             "ptxas -v, cuobjdump -sass); no kernel was run; roofline = max(FLOPs / peak, bytes / "
+                             "bandwidth)", doc,
+                             notes=["static analysis: no GPU timing; the roofline numbers are estimates for H100 SXM"],
+                             skipped=[{"reason": "no GPU on this machine: compile-only report"}])
 
 
 def main(argv=None):

@@ -97,6 +97,13 @@ def _tuple(typ) -> tuple:
     return typ if isinstance(typ, tuple) else (typ,)
 
 
+def other_kind(kind: str, env: dict, method: str, data: dict, notes=(), skipped=()) -> dict:
+    """A valid report for a benchmark that has no decode rows (tokenize throughput, tiled-decode memory, AOT
+    compile report): `results`/`ratios` stay empty and the benchmark's own rows go under `data`, named by `kind`."""
+    return {"schema": SCHEMA, "kind": kind, "env": env, "method": method, "notes": list(notes),
+            "skipped": list(skipped), "results": [], "ratios": [], "data": data}
+
+
 def write_json(report: dict, path, *, validate: bool = True) -> None:
     """Write the report (checked first) to a temporary name in the target folder, then rename it into place."""
     if validate:

@@ -149,6 +149,18 @@ def summarize(results: list[dict], images: int, ray_init_s: float) -> dict:
     return summary
 
 
+def as_report(raw: dict) -> dict:
+    """The run inside the one result schema (kind "tokenize"; its rows under data.rows)."""
+    from ssdd_runtime.benchmarks import schema
+
+    env = {**dict.fromkeys(schema.ENV), **raw["env"]}  # fields the run did not record are null
+    return schema.other_kind("tokenize", env, "ssdd tokenize (Ray Data, end to end incl. actor start-up and "
+                             "model load) vs a plain in-process encode loop over the same images, alternating "
+                             "rounds; images/s = images / wall time; min and median over rounds",
+                             {"config": raw["config"], "rows": raw["results"], "summary": raw["summary"]},
+                             notes=[raw["config"].get("note")] if raw["config"].get("note") else [])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=200)
@@ -164,11 +176,10 @@ def main(argv=None) -> int:
         p.error("need --images > --batch-size, --rounds >= 1, --cores >= 1")
     report = run(images=args.images, rounds=args.rounds, cores=args.cores, resolution=args.resolution,
                  batch_size=args.batch_size, note=args.note)
-    from ssdd_runtime.io import write_text_atomic
+    from ssdd_runtime.benchmarks import schema
 
     out = Path(args.output or RESULTS / f"tokenize_cpu_{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
+    schema.write_json(as_report(report), out)
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {out}")
     return 0

@@ -29,7 +29,7 @@ torch.backends.cuda.matmul.allow_tf32 torch.backends.cudnn.allow_tf32 torch.back
 torch.cat torch.channels_last torch.compile torch.cos torch.cuda.CUDAGraph torch.cuda.Event torch.cuda.Stream
 torch.cuda.current_stream torch.cuda.empty_cache torch.cuda.get_device_name torch.cuda.graph torch.cuda.is_available
 torch.cuda.max_memory_allocated torch.cuda.memory_allocated torch.cuda.reset_peak_memory_stats torch.cuda.stream
-torch.cuda.synchronize torch.device torch.dtype torch.empty torch.empty_like torch.exp torch.float16 torch.float32
+torch.cuda.synchronize torch.device torch.dtype torch.contiguous_format torch.empty torch.empty_like torch.empty_strided torch.exp torch.float16 torch.float32
 torch.full torch.full_like torch.get_num_threads torch.set_num_threads torch.inference_mode torch.isfinite
 torch.library.custom_op torch.linspace torch.manual_seed torch.meshgrid torch.nn torch.nn.Conv2d torch.nn.GroupNorm
 torch.nn.LayerNorm torch.nn.Linear torch.nn.Module torch.nn.ModuleList torch.nn.Parameter torch.nn.Sequential
