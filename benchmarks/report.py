@@ -126,6 +126,9 @@ def readme_table(runs: list[tuple[str, dict]]) -> str:
                          f"{r['height']}x{r['width']} | {r['steps'] if r['model'] != 'kl-vae' else '-'} | "
                          f"{r['images_per_s']:.3f} | {r['latency_ms']['p50']:.0f} | {r['latency_ms']['p90']:.0f} | "
                          f"{'' if q is None else f'**{q:.2f}x**'} | `{fname}` |")
+    other = [f"`{fname}` ({rep['kind']})" for fname, rep in runs if rep.get("kind")]
+    if other:  # reports without decode rows (schema.other_kind), cited so every committed file is findable
+        lines += ["", "Other committed results (no decode rows): " + ", ".join(other) + "."]
     return "\n".join(lines)
 
 
