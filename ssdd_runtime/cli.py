@@ -16,6 +16,7 @@ import torch
 
 from ssdd_runtime.api import SSDD
 from ssdd_runtime.io import list_images, load_image, load_latents, psnr, same_shape_batches, save_image, save_latents
+from ssdd_runtime.latents import check_latent_metadata, latent_metadata
 from ssdd_runtime.sampler import T_POW_SHIFT
 
 EPILOG = ("Checkpoints: --checkpoint PATH (a local .safetensors) or --repo facebook/SSDD --filename "
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "named after the encoded images when known.")
     p.add_argument("latents", help="latents file: .safetensors, .npy or .pt")
     p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="decode even when the file records another encoder than this checkpoint reads")
 
     p = command("reconstruct", cmd_reconstruct, "images -> encode -> decode -> PNGs, with PSNR",
                 parents=[*model, decode, batch], epilog=EPILOG,
@@ -312,7 +315,8 @@ def cmd_encode(args) -> int:
     batches = same_shape_batches(zip(args.images, xs), args.batch_size)
     z = torch.cat([model.encode(x).mode() for _, x in _progress(batches, desc="encode", unit="batch")])
     save_latents(args.output, z, {"names": [Path(p).stem for p in args.images], "checkpoint": model.checkpoint,
-                                  "encoder": model.encoder_config.name, "decoder": model.decoder_config.size})
+                                  "encoder": model.encoder_name, "decoder": model.decoder_config.size,
+                                  **latent_metadata(model)})
     print(f"wrote {tuple(z.shape)} latents to {args.output}")
     return 0
 
@@ -320,6 +324,7 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     model = load_model(args)
     z, meta = load_latents(args.latents)
+    check_latent_metadata(meta, model, force=args.force)  # another encoder's latents decode to garbage
     names = meta.get("names") or [f"{Path(args.latents).stem}_{i:04d}" for i in range(len(z))]
     if len(names) != len(z):
         raise ValueError(f"{args.latents}: {len(names)} names in metadata for {len(z)} latents")
