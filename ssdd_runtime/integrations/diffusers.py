@@ -236,11 +236,16 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         return vae.eval().requires_grad_(False)
 
     def _apply(self, fn, recurse=True):
-        """`.to()`, `.half()`, `.cuda()`...: as nn.Module, then the SD-VAE encoder back to fp32 (module docstring)."""
-        super()._apply(fn, recurse)
-        if getattr(self, "sdvae", None) is not None and any(p.dtype != torch.float32 for p in self.sdvae.parameters()):
-            self.sdvae.float()
-        return self
+        """`.to()`, `.half()`, `.cuda()`...: as nn.Module, except that the SD-VAE encoder only follows the device
+        and stays fp32 (module docstring), never rounded through the new dtype."""
+        if recurse:
+            for child in self.children():
+                if child is not getattr(self, "sdvae", None):
+                    child._apply(fn)
+                    continue
+                target = fn(torch.zeros((), device=next(child.parameters()).device)).device  # where fn sends it
+                child._apply(lambda t: t.to(target))
+        return super()._apply(fn, recurse=False)
 
     # -- diffusers switches -------------------------------------------------------------------------------
 
