@@ -301,7 +301,8 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         if torch.compiler.is_compiling():  # the traced path: SSDD.decode's value checks would break the graph
             if noise is None:
                 noise = torch.randn(z.shape[0], 3, z.shape[2] * self.ssdd.stride, z.shape[3] * self.ssdd.stride)
-            img = SSDDModule.sample(self.ssdd, z.to(self.ssdd.dtype), noise.to(z.device, torch.float32),
+            device = self.ssdd.device
+            img = SSDDModule.sample(self.ssdd, z.to(device, self.ssdd.dtype), noise.to(device, torch.float32),
                                     steps=steps, t_pow_shift=float(self.config.t_pow_shift))
         else:
             tile = {"tile": self.tile_latent_size} if self.use_tiling else {}
