@@ -24,7 +24,7 @@ EXTRAS = {
     "ray": ["ray[data]>=2.10", "pyarrow>=14"],
     "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
              "ray[data]>=2.10", "tritonclient[grpc]>=2.40", "matplotlib>=3.7", "protobuf>=4",
-             "openvino>=2024.4", "datasets>=2.19"],
+             "openvino>=2024.4", "datasets>=2.19", "accelerate>=0.31"],
 }
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "tensorrt" for req in reqs})
 

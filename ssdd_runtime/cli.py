@@ -22,6 +22,7 @@ from ssdd_runtime.api import MAX_STEPS, SSDD, check_device
 from ssdd_runtime.io import (atomic_output, atomic_output_folder, confined_path, list_images, load_image,
                              load_latents, psnr, same_shape_batches, save_image, save_latents, unique_names,
                              write_text_atomic)
+from ssdd_runtime.latents import check_latent_metadata, latent_metadata
 from ssdd_runtime.sampler import T_POW_SHIFT
 
 EPILOG = ("Checkpoints: --checkpoint PATH (a local .safetensors) or --repo facebook/SSDD --filename "
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "named after the encoded images when known.")
     p.add_argument("latents", help="latents file: .safetensors, .npy or .pt")
     p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="decode even when the file records another encoder than this checkpoint reads")
 
     p = command("reconstruct", cmd_reconstruct, "images -> encode -> decode -> PNGs, with PSNR",
                 parents=[*model, decode, batch], epilog=EPILOG,
@@ -477,7 +480,8 @@ def cmd_encode(args) -> int:
     z = torch.cat([model.encode(x).mode() for _, x in _progress(batches, desc="encode", unit="batch")])
     names = unique_names([Path(p).stem for p in args.images])  # a/x.png, b/x.png -> x, x-1
     save_latents(out, z, {"names": names, "checkpoint": model.checkpoint,
-                          "encoder": model.encoder_config.name, "decoder": model.decoder_config.size})
+                          "encoder": model.encoder_name, "decoder": model.decoder_config.size,
+                          **latent_metadata(model)})
     print(f"wrote {tuple(z.shape)} latents to {out}")
     return 0
 
@@ -489,6 +493,7 @@ def cmd_decode(args) -> int:
     out = _output_dir(args.output)
     dests = _output_paths(out, [f"{n}.png" for n in names], inputs=[args.latents])
     model = load_model(args)
+    check_latent_metadata(meta, model, force=args.force)  # another encoder's latents decode to garbage
     gen = torch.Generator().manual_seed(args.seed)
     step = args.batch_size or len(z)
     written = 0
