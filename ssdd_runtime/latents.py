@@ -58,7 +58,7 @@ def check_latent_metadata(meta: dict[str, str] | None, model, *, force: bool = F
     encoders are trained with their decoders, so another checkpoint's latents usually decode badly even with the
     same f<F>c<C>; the SDVAE decoders all share one encoder)."""
     if not meta or not any(k in meta for k in KEYS):
-        log.warning("latents carry no ssdd.* metadata: cannot check they come from an encoder this model reads")
+        log.info("latents carry no ssdd.* metadata: cannot check they come from an encoder this model reads")
         return
     expected = {"ssdd.encoder": _encoder_read_by(model), "ssdd.z_dim": str(model.decoder_config.z_dim),
                 "ssdd.stride": str(model.stride)}
