@@ -13,6 +13,7 @@ from ssdd_runtime.sampler import T_POW_SHIFT, randn
 
 _FP32_LOCK = threading.Lock()  # guards the lazily built fp32 copy used by the non-finite fallback
 
+BACKENDS = ("torch", "openvino")  # SSDD.to_backend / from_pretrained(backend=)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -43,13 +44,25 @@ class SSDD(SSDDModule):
     def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None, *, revision: str | None = None,
                         encoder=None, decoder: str | None = None, device=None,
                         dtype: torch.dtype | str | None = None, local_files_only: bool = False,
-                        cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None) -> SSDD:
+                        cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None,
+                        backend: str = "torch") -> SSDD:
         """Load an official SSDD checkpoint from a local `.safetensors` path or a Hub repo (`facebook/SSDD` +
         `filename`). The architecture comes from the tensor shapes; `encoder=`/`decoder=` are checked against it.
+        backend="openvino": loaded in fp32 on the CPU, returned as `to_backend("openvino", precision=dtype)`.
 
         Decoder-only files (the SDVAE decoders) load as decode-only models, or paired with an external encoder:
         `encoder="sdvae"` loads diffusers' `stabilityai/sd-vae-ft-mse` (with this call's `cache_dir` and
         `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
+        if _check_backend(backend) != "torch":  # fp32 weights on the CPU; the backend takes the precision
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"backend={backend!r} runs on the CPU; got device={device!r}")
+            precision = as_dtype(dtype)
+            from ssdd_runtime.export.openvino import check_precision
+
+            check_precision(precision)  # fp16 fails here, before any download
+            model = cls.from_pretrained(source, filename, revision=revision, encoder=encoder, decoder=decoder,
+                                        local_files_only=local_files_only, cache_dir=cache_dir, use_triton=False)
+            return model.to_backend(backend, precision=precision)
         path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
         if encoder == "sdvae":
@@ -116,6 +129,19 @@ class SSDD(SSDDModule):
         if external is not None:
             model.encoder = external  # a plain attribute, not a submodule: the state dict stays decoder.* only
         return model
+
+    def to_backend(self, name: str, *, precision=None, threads: int | None = None, cache_dir=None):
+        """This model on an inference backend. "torch": `self`. "openvino": an `OpenVINOModel` (CPU) with the same
+        encode/decode, from `export.openvino.to_openvino(self, precision=...)`; precision "f32" (default), "bf16"
+        or a torch dtype; threads: OpenVINO's thread count; cache_dir: its IR and compiled-model cache."""
+        if _check_backend(name) == "torch":
+            if precision is not None or threads is not None or cache_dir is not None:
+                raise ValueError("precision/threads/cache_dir apply to backend 'openvino'; for torch use .to(dtype)")
+            return self
+        from ssdd_runtime.export.openvino import to_openvino
+
+        return to_openvino(self, precision="f32" if precision is None else precision, threads=threads,
+                           cache_dir=cache_dir)
 
     @property
     def device(self) -> torch.device:
@@ -251,6 +277,12 @@ def _check_tensor(name: str, t, rank: int | None = None) -> None:
         raise ValueError(f"{name} must be a {rank}-D tensor (B, C, H, W), got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+
+
+def _check_backend(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
