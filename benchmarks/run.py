@@ -119,7 +119,8 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     env["loadavg_end"] = env_cpu_load()
     method = METHOD.format(rotate=cfg.rotate, warmup=cfg.warmup, repeats=cfg.repeats)
     return {"schema": SCHEMA, "env": env, "method": method, "notes": notes, "skipped": skipped,
-            "results": results, "ratios": ratios(results)}
+            "results": results, "ratios": ratios(results),
+            "ratios_vs_kl_vae_eager_fp32": cross_ratios(results), "speedup_vs_eager_fp32": speedups(results)}
 
 
 def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped) -> list[dict]:
@@ -309,6 +310,29 @@ def load_warning(cpu_count: int | None = None) -> str | None:
         return None
     return (f"warning: load average {load:.1f} is above the {n} cores: other processes share the CPU, so these "
             "timings are unreliable (the interleaved ratios less so)")
+
+
+def _shape(r: dict) -> tuple:
+    return r["batch"], r["height"], r["width"], r["memory_format"]
+
+
+def cross_ratios(results: list[dict]) -> list[dict]:
+    """SSDD images/s on every backend over the KL-VAE's in eager PyTorch fp32 at the same batch and size: the
+    cross-backend ratio (the diffusers baseline as users run it)."""
+    base = {_shape(r): r for r in results if r["model"] == KL_VAE and r["backend"] == "eager" and r["dtype"] == "fp32"}
+    return [{"ssdd": r["label"], "backend": r["backend"], "dtype": r["dtype"], "batch": r["batch"],
+             "height": r["height"], "width": r["width"], "baseline": f"{KL_VAE} eager fp32",
+             "ratio_images_per_s": r["images_per_s"] / base[_shape(r)]["images_per_s"]}
+            for r in results if r["model"].startswith(SSDD_PREFIX) and _shape(r) in base]
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """Every row's images/s over the same workload's in eager fp32 at the same batch and size."""
+    base = {(r["label"], *_shape(r)): r for r in results if r["backend"] == "eager" and r["dtype"] == "fp32"}
+    return [{"label": r["label"], "backend": r["backend"], "dtype": r["dtype"], "batch": r["batch"],
+             "height": r["height"], "width": r["width"],
+             "speedup": r["images_per_s"] / base[(r["label"], *_shape(r))]["images_per_s"]}
+            for r in results if r["backend"] != "eager" and (r["label"], *_shape(r)) in base]
 
 
 CSV_FIELDS = ["model", "label", "backend", "dtype", "device", "batch", "height", "width", "steps", "memory_format",
