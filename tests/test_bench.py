@@ -342,6 +342,7 @@ def test_openvino_backends_match_eager(model, height, width, one_thread):
                 continue
             run, info = bk.prepare(backend, w.net, ins, is_ssdd=model != "kl-vae")
             assert info["backend_options"]["precision"] == bk.OPENVINO[backend] and info["prepare_s"] > 0
+            assert ("export_s" in info) == (backend == "openvino")  # bf16 compiles the f32 run's conversion
             assert_close(w.decode(run, ins, noise), ref, atol=atol, rtol_l2=rtol_l2, name=f"{model} {backend}")
 
 
