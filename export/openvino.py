@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssdd_runtime.api import _check_finite, _check_tensor, _chunks
+from ssdd_runtime.checks import _check_finite, _check_tensor, _chunks
 from ssdd_runtime.model import DiagonalGaussian, SSDDModule
 from ssdd_runtime.sampler import T_POW_SHIFT, TIMESCALE, euler_sample, randn
 

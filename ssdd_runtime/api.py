@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from ssdd_runtime import optimize, weights
+from ssdd_runtime.checks import _check_finite, _check_tensor, _chunks  # noqa: F401 (export/ uses them)
 from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT, randn
 
@@ -268,32 +269,7 @@ def _all_finite(out) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _check_tensor(name: str, t, rank: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if rank is not None and t.dim() != rank:
-        raise ValueError(f"{name} must be a {rank}-D tensor (B, C, H, W), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
-
-
 def _check_backend(name) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
-
-
-def _chunks(t: torch.Tensor, batch_size: int | None):
-    if batch_size is None:
-        return [t]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return list(t.split(batch_size))
