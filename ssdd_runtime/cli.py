@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ssdd_runtime.api import SSDD
+from ssdd_runtime.api import BACKENDS, SSDD
 from ssdd_runtime.io import list_images, load_image, load_latents, psnr, same_shape_batches, save_image, save_latents
 from ssdd_runtime.sampler import T_POW_SHIFT
 
@@ -93,7 +93,7 @@ def _runtime_flags(*, device: bool = True, backend: bool = False) -> argparse.Ar
         g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights/activations dtype (default fp32)")
     if backend:
-        g.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+        g.add_argument("--backend", default="torch", choices=BACKENDS,
                        help="torch (default) or openvino (CPU; --dtype fp32 or bf16 picks its precision)")
     return p
 
