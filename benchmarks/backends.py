@@ -8,6 +8,14 @@
                  SSDD attention in its export form (`export.onnx.export_attention`, as deployed), run by
                  `export.onnx.ort_session` / `ort_runner` with all graph optimisations (CPU, or CUDA EP)
     tensorrt     the same ONNX file built by `export.tensorrt.build_engine`, run by `TensorRTRunner` (CUDA)
+    openvino     `openvino.convert_model` on the torch module (`export.openvino.convert_module`: batch, height and
+                 width dynamic, SSDD attention in its export form, as `SSDD.to_backend("openvino")` deploys it),
+                 compiled for the CPU with INFERENCE_PRECISION_HINT f32, LATENCY hint, torch's thread count
+    openvino-bf16  the same with INFERENCE_PRECISION_HINT bf16 (matmuls/convs in bf16, AVX512_BF16/AMX where
+                 present); inputs and outputs stay fp32, the row's dtype says bf16
+
+The OpenVINO backends take the fp32 network (`--dtype fp32`): the precision is the backend's, not the
+module's, as `to_openvino(precision=...)` takes it.
 
 The ONNX file and engine live in a temporary folder removed once the session or engine is loaded (pass
 `workdir` to keep them).
@@ -24,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +43,9 @@ from ssdd_runtime import optimize
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "triton", "compile", "cudagraphs", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "triton", "compile", "cudagraphs", "onnxruntime", "tensorrt", "openvino", "openvino-bf16")
+OPENVINO = {"openvino": "f32", "openvino-bf16": "bf16"}  # backend -> INFERENCE_PRECISION_HINT
+CPU_BACKENDS = ("openvino-bf16", "openvino", "onnxruntime", "eager")  # --quick: the first available, fastest first
 ONNX_OPSET = 18
 
 
@@ -70,7 +81,26 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype = tor
                 return "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
     if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed (pip install 'ssdd-runtime[tensorrt]')"
+    if name in OPENVINO:
+        if cuda:
+            return f"{name} runs on the CPU (OpenVINO's CPU plugin); use --device cpu"
+        if importlib.util.find_spec("openvino") is None:
+            return "openvino is not installed (pip install 'ssdd-runtime[openvino]')"
+        if dtype != torch.float32:
+            return (f"{name} converts the fp32 network and sets the precision itself (openvino = f32, "
+                    "openvino-bf16 = bf16): use --dtype fp32")
+        if OPENVINO[name] == "bf16" and not _cpu_has("avx512_bf16", "amx_bf16"):
+            return f"{name}: this CPU has no bf16 dot-product instructions (avx512_bf16 / amx_bf16)"
     return None
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            have = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return True  # cannot tell: let OpenVINO decide (it falls back to f32 where bf16 is absent)
+    return any(flag in have for flag in flags)
 
 
 def prepare(name: str, net: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, is_ssdd: bool,
@@ -92,6 +122,8 @@ def prepare(name: str, net: nn.Module, example_inputs: tuple[torch.Tensor, ...],
     elif name == "cudagraphs":
         with torch.inference_mode():
             run = optimize.cuda_graph(net, example_inputs)
+    elif name in OPENVINO:
+        run = _openvino_backend(name, net, example_inputs, is_ssdd, info, t0)
     elif workdir is not None:
         os.makedirs(workdir, exist_ok=True)
         run = _onnx_backend(name, net, example_inputs, Path(workdir), is_ssdd, info, t0)
@@ -125,3 +157,29 @@ def _onnx_backend(name, net, example_inputs, folder: Path, is_ssdd: bool, info: 
     precision = "fp16" if any(a.dtype == torch.float16 for a in example_inputs) else "fp32"
     engine = build_engine(path, folder / "net.plan", precision=precision, profile=profile)
     return TensorRTRunner(engine, device=device)
+
+
+# net -> {input shapes: ov.Model}: openvino and openvino-bf16 compile one conversion (minutes for SSDD-M on a
+# loaded 2-core machine); weak keys, so a dropped workload drops its graphs.
+_OV_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _openvino_backend(name, net, example_inputs, is_ssdd: bool, info: dict, t0: float):
+    """convert_model in memory (no files; once per network and input shapes), then compile for the CPU at the
+    backend's precision."""
+    from ssdd_runtime.export import onnx as eo
+    from ssdd_runtime.export import openvino as eov
+
+    shapes = tuple(tuple(a.shape) for a in example_inputs)
+    ov_model = _OV_MODELS.setdefault(net, {}).get(shapes)
+    if ov_model is None:
+        traced = eo.export_attention(copy.deepcopy(net)) if is_ssdd else net  # deployed attention form, on a copy
+        ov_model = _OV_MODELS[net][shapes] = eov.convert_module(traced, example_inputs)
+        info["export_s"] = time.perf_counter() - t0
+    precision, threads = OPENVINO[name], torch.get_num_threads()
+    compiled = eov.compile_ir(ov_model, precision=precision, threads=threads)
+    info["dtype"] = "bf16" if precision == "bf16" else None  # the compute precision, for the row
+    info["backend_options"] = {"precision": precision, "threads": threads}
+    info["notes"].append(f"OpenVINO CPU plugin, INFERENCE_PRECISION_HINT {precision}, PERFORMANCE_HINT LATENCY, "
+                         f"INFERENCE_NUM_THREADS {threads}, dynamic B/H/W; fp32 inputs and outputs")
+    return eov.OpenVINONetwork(compiled, precision)

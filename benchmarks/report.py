@@ -30,14 +30,14 @@ def table(report: dict) -> str:
     head = (f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['torch_threads']}, "
             f"load avg {env.get('loadavg_start')} -> {env.get('loadavg_end')}, {env['date_utc']}")
     cols = ["model", "backend", "dtype", "batch", "HxW", "steps", "img/s", "p50 ms", "p90 ms", "p99 ms",
-            "peak MB", "first call s"]
+            "GFLOP/s (of peak)", "peak MB", "first call s"]
     rows = []
     for r in report["results"]:
         lat = r["latency_ms"]
         rows.append([r["model"], backend_label(r),
                      r["dtype"], str(r["batch"]), f"{r['height']}x{r['width']}",
-                     str(r["steps"]) if r["model"] != "kl-vae" else "-", f"{r['images_per_s']:.3f}",
-                     f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}",
+                     _steps(r), f"{r['images_per_s']:.3f}",
+                     f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}", flop_rate(r) or "-",
                      "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}",
                      f"{r['warmup_s'][0]:.1f}" if r["warmup_s"] else "-"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
@@ -50,6 +50,18 @@ def table(report: dict) -> str:
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['backend']}{' ' + s['model'] if 'model' in s else ''}: {s['reason']}")
     return "\n".join(lines)
+
+
+def _steps(r: dict) -> str:
+    return str(r["steps"]) if r["model"].startswith("ssdd-") else "-"
+
+
+def flop_rate(r: dict) -> str:
+    """'GFLOP/s (fraction of the CPU peak)' of a row that carries them (run.add_flop_rate), else ''."""
+    if r.get("gflops_achieved") is None:
+        return ""
+    frac = r.get("peak_fraction")
+    return f"{r['gflops_achieved']:.0f}" + ("" if frac is None else f" ({frac:.0%})")
 
 
 def plot(report: dict, path: str) -> None:
@@ -110,7 +122,7 @@ def backend_label(r: dict) -> str:
 def readme_table(runs: list[tuple[str, dict]]) -> str:
     """Markdown: one row per SSDD result with its KL-VAE ratio from the same run, then the KL-VAE rows."""
     lines = ["| device (date) | model | backend | dtype | batch | HxW | steps | images/s | p50 ms | p90 ms | "
-             "SSDD / KL-VAE | file |", "|" + "---|" * 12]
+             "GFLOP/s (of peak) | SSDD / KL-VAE | file |", "|" + "---|" * 13]
     for fname, rep in runs:
         env = rep["env"]
         n = env["torch_threads"]
@@ -123,9 +135,9 @@ def readme_table(runs: list[tuple[str, dict]]) -> str:
             q = ratio.get((r["label"], r["backend"], r["dtype"], r["batch"], r["height"], r["width"],
                            r.get("memory_format", "contiguous")))
             lines.append(f"| {dev} | {r['model']} | {backend} | {r['dtype']} | {r['batch']} | "
-                         f"{r['height']}x{r['width']} | {r['steps'] if r['model'] != 'kl-vae' else '-'} | "
+                         f"{r['height']}x{r['width']} | {_steps(r)} | "
                          f"{r['images_per_s']:.3f} | {r['latency_ms']['p50']:.0f} | {r['latency_ms']['p90']:.0f} | "
-                         f"{'' if q is None else f'**{q:.2f}x**'} | `{fname}` |")
+                         f"{flop_rate(r)} | {'' if q is None else f'**{q:.2f}x**'} | `{fname}` |")
     other = [f"`{fname}` ({rep['kind']})" for fname, rep in runs if rep.get("kind")]
     if other:  # reports without decode rows (schema.other_kind), cited so every committed file is findable
         lines += ["", "Other committed results (no decode rows): " + ", ".join(other) + "."]

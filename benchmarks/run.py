@@ -2,11 +2,16 @@
 
 images/s = batch / median latency of one full decode (all Euler steps for SSDD). The SSDD/KL-VAE ratio is
 taken from the same run, between workloads timed in the same interleaved rounds.
+
+CPU rows also carry `gflop` (per call, `workloads.gflop`), `gflops_achieved` = gflop / median latency and
+`peak_fraction` = gflops_achieved / the CPU's peak at the row's precision (`cpu_peak`, formula in env).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,8 +22,10 @@ from ssdd_runtime.api import as_dtype
 from ssdd_runtime.io import atomic_output
 from ssdd_runtime.benchmarks import backends as bk
 from ssdd_runtime.benchmarks.schema import SCHEMA, write_json  # noqa: F401 (write_json: the CLI's writer)
-from ssdd_runtime.benchmarks.timing import Measurement, PeakMemory, env_cpu_load, environment, measure_interleaved
-from ssdd_runtime.benchmarks.workloads import KL_VAE, WEIGHTS_NOTE, Workload, build_workload, check_model_name
+from ssdd_runtime.benchmarks.timing import (Measurement, PeakMemory, env_cpu_load, environment, measure_interleaved,
+                                             package_version)
+from ssdd_runtime.benchmarks.workloads import (KL_VAE, SSDD_PREFIX, WEIGHTS_NOTE, Workload, build_workload,
+                                               check_model_name, gflop, is_encoder)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +33,7 @@ METHOD = ("latency of one full decode (all Euler steps for SSDD; post_quant_conv
           "inputs pre-made on the device and rotated over {rotate} distinct sets; {warmup} warm-up call(s) per "
           "workload excluded (compile/export time reported separately as warmup_s/prepare_s); {repeats} timed "
           "calls, workloads interleaved round by round (order rotated each round); CUDA: events + synchronize; "
-          "CPU: perf_counter; images/s = batch / median latency")
+          "CPU: perf_counter; images/s = batch / median latency; encoder-* workloads: one encoder forward")
 
 
 @dataclass
@@ -68,6 +75,10 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     device = torch.device(cfg.device)
     dtype = as_dtype(cfg.dtype)
     env = environment(device)
+    env["openvino"] = package_version("openvino")
+    if device.type == "cpu":
+        env["lscpu"] = lscpu()
+        env["cpu_peak"] = cpu_peak(torch.get_num_threads(), env["lscpu"])
     results: list[dict] = []
     skipped: list[dict] = []
     notes = [WEIGHTS_NOTE]
@@ -76,7 +87,7 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
                      "model's share")
 
     # (model, steps) pairs: steps only apply to SSDD
-    jobs = [(m, s) for m in cfg.models for s in (cfg.steps if m != KL_VAE else [1])]
+    jobs = [(m, s) for m in cfg.models for s in (cfg.steps if m.startswith(SSDD_PREFIX) else [1])]
     workloads: dict[tuple[str, int], Workload] = {}
     for m, s in jobs:
         ck = cfg.kl_vae_checkpoint if m == KL_VAE else cfg.checkpoint
@@ -102,10 +113,14 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
         for (H, W) in cfg.resolutions:
             for batch in cfg.batches:
                 results += _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped)
+    if device.type == "cpu":
+        for r in results:
+            add_flop_rate(r, workloads[(r["model"], r["steps"])], env["cpu_peak"])
     env["loadavg_end"] = env_cpu_load()
     method = METHOD.format(rotate=cfg.rotate, warmup=cfg.warmup, repeats=cfg.repeats)
     return {"schema": SCHEMA, "env": env, "method": method, "notes": notes, "skipped": skipped,
-            "results": results, "ratios": ratios(results)}
+            "results": results, "ratios": ratios(results),
+            "ratios_vs_kl_vae_eager_fp32": cross_ratios(results), "speedup_vs_eager_fp32": speedups(results)}
 
 
 def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped) -> list[dict]:
@@ -143,10 +158,13 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skippe
         label = _label(m, s)
         if label not in meas:
             continue
-        out.append(result_row(m, label, backend, cfg.dtype, device, batch, H, W, s, meas[label],
-                              memory_format="channels_last" if cfg.channels_last else "contiguous",
-                              prepare_s=infos[label]["prepare_s"], memory_kind=memory[label].kind,
-                              weights=w.weights, params=w.params, notes=infos[label]["notes"]))
+        info = infos[label]
+        extra = {"backend_options": info["backend_options"]} if "backend_options" in info else {}
+        out.append(result_row(m, label, backend, info.get("dtype") or cfg.dtype, device, batch, H, W, s,
+                              meas[label], memory_format="channels_last" if cfg.channels_last else "contiguous",
+                              prepare_s=info["prepare_s"], memory_kind=memory[label].kind,
+                              weights=w.weights, params=w.params, notes=info["notes"],
+                              task="encode" if is_encoder(m) else "decode", **extra))
     return out
 
 
@@ -177,7 +195,7 @@ def _cl(a: torch.Tensor) -> torch.Tensor:
 
 
 def _label(model: str, steps: int) -> str:
-    return model if model == KL_VAE else f"{model}@{steps}"
+    return f"{model}@{steps}" if model.startswith(SSDD_PREFIX) else model
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -186,7 +204,7 @@ def ratios(results: list[dict]) -> list[dict]:
     key = lambda r: (r["backend"], r["dtype"], r["batch"], r["height"], r["width"], r["memory_format"])  # noqa: E731
     base = {key(r): r for r in results if r["model"] == KL_VAE}
     for r in results:
-        if r["model"] == KL_VAE or key(r) not in base:
+        if not r["model"].startswith(SSDD_PREFIX) or key(r) not in base:
             continue
         b = base[key(r)]
         out.append({"ssdd": r["label"], "baseline": KL_VAE, "backend": r["backend"], "dtype": r["dtype"],
@@ -194,6 +212,127 @@ def ratios(results: list[dict]) -> list[dict]:
                     "memory_format": r["memory_format"],
                     "ratio_images_per_s": r["images_per_s"] / b["images_per_s"]})
     return out
+
+
+# -- achieved FLOP rate against the CPU's peak ----------------------------------------------------------------
+
+PEAK_FORMULA = ("peak GFLOP/s = cores x 2 FMA pipes x 16 fp32 lanes (512-bit AVX-512) x 2 flop per FMA x clock GHz; "
+                "bf16 peak = 2 x that where the CPU has avx512_bf16 (VDPBF16PS: 2 bf16 products per fp32 lane); "
+                "cores = min(threads used, physical cores); clock = lscpu 'CPU max MHz' if reported, else the "
+                "/proc/cpuinfo 'cpu MHz' (nominal: boost clocks above it make the fraction an upper bound)")
+
+
+def lscpu() -> dict:
+    """Model name, flags, cores and clock from `lscpu` (falling back to /proc/cpuinfo)."""
+    fields: dict[str, str] = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cpuinfo_mhz = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+        m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)
+        cpuinfo_mhz = float(m.group(1)) if m else None
+        if "Flags" not in fields:
+            m = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+            fields["Flags"] = m.group(1) if m else ""
+    except OSError:
+        pass
+    cores = None
+    if fields.get("Core(s) per socket", "").isdigit() and fields.get("Socket(s)", "").isdigit():
+        cores = int(fields["Core(s) per socket"]) * int(fields["Socket(s)"])
+    max_mhz = fields.get("CPU max MHz")
+    return {"model_name": fields.get("Model name"), "flags": fields.get("Flags", "").split(),
+            "physical_cores": cores, "threads_per_core": fields.get("Thread(s) per core"),
+            "cpu_max_mhz": float(max_mhz) if max_mhz else None, "cpuinfo_mhz": cpuinfo_mhz}
+
+
+def cpu_peak(threads: int, info: dict) -> dict:
+    """The CPU's fp32 and bf16 peak GFLOP/s for `threads` threads (PEAK_FORMULA)."""
+    mhz = info.get("cpu_max_mhz") or info.get("cpuinfo_mhz")
+    cores = min(threads, info.get("physical_cores") or threads)
+    flags = set(info.get("flags") or [])
+    if mhz is None or "avx512f" not in flags:
+        return {"formula": PEAK_FORMULA, "fp32_gflops": None, "bf16_gflops": None,
+                "note": "no clock reading or no AVX-512: peak not computed"}
+    fp32 = cores * 2 * 16 * 2 * mhz / 1000
+    return {"formula": PEAK_FORMULA, "cores": cores, "clock_ghz": mhz / 1000,
+            "clock_source": "lscpu CPU max MHz" if info.get("cpu_max_mhz") else "/proc/cpuinfo cpu MHz",
+            "fp32_gflops": fp32, "bf16_gflops": 2 * fp32 if "avx512_bf16" in flags else fp32}
+
+
+def add_flop_rate(row: dict, w: Workload, peak: dict) -> None:
+    """gflop, gflops_achieved and peak_fraction on a CPU result row."""
+    row["gflop"] = gflop(w, row["batch"], row["height"], row["width"])
+    row["gflops_achieved"] = row["gflop"] / (row["latency_ms"]["p50"] / 1000)
+    ref = peak.get("bf16_gflops" if row["dtype"] == "bf16" else "fp32_gflops")
+    row["peak_fraction"] = row["gflops_achieved"] / ref if ref else None
+
+
+# -- --quick -----------------------------------------------------------------------------------------------------
+
+
+def quick_backends(device: torch.device = torch.device("cpu")) -> list[str]:
+    """The fastest available CPU backend (`backends.CPU_BACKENDS` order) and eager, the cross-backend baseline."""
+    best = next(b for b in bk.CPU_BACKENDS if bk.unavailable_reason(b, device) is None)  # eager always is
+    return [best] if best == "eager" else [best, "eager"]
+
+
+def quick_summary(report: dict) -> list[str]:
+    """The two --quick ratios per SSDD result on the fastest backend: vs the KL-VAE on the same backend and
+    precision, and vs the KL-VAE in eager PyTorch fp32 (the diffusers baseline as users run it)."""
+    rows = [r for r in report["results"] if r.get("task", "decode") == "decode"]
+    kl = {(r["backend"], r["dtype"], r["batch"], r["height"], r["width"]): r for r in rows if r["model"] == KL_VAE}
+    only_eager = {r["backend"] for r in rows} == {"eager"}
+    lines = []
+    for r in rows:
+        if not r["model"].startswith(SSDD_PREFIX) or (r["backend"] == "eager" and not only_eager):
+            continue
+        shape = (r["batch"], r["height"], r["width"])
+        same = kl.get((r["backend"], r["dtype"], *shape))
+        eager = kl.get(("eager", "fp32", *shape))
+        where = f"{r['label']} on {r['backend']} {r['dtype']}, batch {r['batch']} {r['height']}x{r['width']}"
+        for name, base in ((f"the KL-VAE on {r['backend']} {r['dtype']} (same backend)", same),
+                           ("the KL-VAE in eager PyTorch fp32", eager)):
+            if base is not None:
+                lines.append(f"{where}: {r['images_per_s'] / base['images_per_s']:.2f}x the images/s of {name}")
+    return lines
+
+
+def load_warning(cpu_count: int | None = None) -> str | None:
+    """A warning line when the 1-minute load average is above the core count (timings then unreliable)."""
+    n = cpu_count or os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load <= n:
+        return None
+    return (f"warning: load average {load:.1f} is above the {n} cores: other processes share the CPU, so these "
+            "timings are unreliable (the interleaved ratios less so)")
+
+
+def _shape(r: dict) -> tuple:
+    return r["batch"], r["height"], r["width"], r["memory_format"]
+
+
+def cross_ratios(results: list[dict]) -> list[dict]:
+    """SSDD images/s on every backend over the KL-VAE's in eager PyTorch fp32 at the same batch and size: the
+    cross-backend ratio (the diffusers baseline as users run it)."""
+    base = {_shape(r): r for r in results if r["model"] == KL_VAE and r["backend"] == "eager" and r["dtype"] == "fp32"}
+    return [{"ssdd": r["label"], "backend": r["backend"], "dtype": r["dtype"], "batch": r["batch"],
+             "height": r["height"], "width": r["width"], "baseline": f"{KL_VAE} eager fp32",
+             "ratio_images_per_s": r["images_per_s"] / base[_shape(r)]["images_per_s"]}
+            for r in results if r["model"].startswith(SSDD_PREFIX) and _shape(r) in base]
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """Every row's images/s over the same workload's in eager fp32 at the same batch and size."""
+    base = {(r["label"], *_shape(r)): r for r in results if r["backend"] == "eager" and r["dtype"] == "fp32"}
+    return [{"label": r["label"], "backend": r["backend"], "dtype": r["dtype"], "batch": r["batch"],
+             "height": r["height"], "width": r["width"],
+             "speedup": r["images_per_s"] / base[(r["label"], *_shape(r))]["images_per_s"]}
+            for r in results if r["backend"] != "eager" and (r["label"], *_shape(r)) in base]
 
 
 CSV_FIELDS = ["model", "label", "backend", "dtype", "device", "batch", "height", "width", "steps", "memory_format",

@@ -6,6 +6,13 @@ driver around it (`decode`): SSDD's `net` is the `UViTDecoder` itself, driven by
 `net(z)` once (post_quant_conv + decoder, what `AutoencoderKL.decode` computes without tiling). Which kernels
 the SSDD decoder runs is set by the backend with `optimize.use_kernels`.
 
+Encode workloads (`encoder-f8c4`, ...: SSDD's encoder, `model.Encoder`) time one encoder forward
+image (B, 3, H, W) -> moments (B, 2C, H/F, W/F), what `SSDD.encode` runs before splitting mean and logvar.
+
+FLOPs (`gflop`): counted by `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add, convolutions,
+matmuls and attention only) on a meta-device copy of the network, for one full call at the row's shape. The
+SSDD eager reference computes attention densely with a window mask; the counter counts that dense form.
+
 Weights: random unless a checkpoint is given. Throughput does not depend on weight values (the same ops run
 on the same shapes; no data-dependent control flow), so random weights give the same images/s.
 """
@@ -19,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ssdd_runtime.model import DECODER_SIZES, UViTDecoder, decoder_config
+from ssdd_runtime.model import DECODER_SIZES, Encoder, UViTDecoder, decoder_config, encoder_config
 from ssdd_runtime.sampler import TIMESCALE, euler_sample, randn, time_grid
 
 # Stable Diffusion's KL-f8 VAE (stabilityai/sd-vae-ft-mse config.json), built in code so no Hub download is
@@ -39,12 +46,18 @@ SD_VAE_CONFIG = {
 }
 KL_VAE = "kl-vae"
 SSDD_PREFIX = "ssdd-"
+ENCODER_PREFIX = "encoder-"
+ENCODERS = ("f8c4",)  # SSDD encoders offered as encode workloads (F8C4_*_256 checkpoints)
 WEIGHTS_NOTE = ("random weights: throughput does not depend on weight values (same ops on the same shapes, no "
                 "data-dependent control flow); pass a checkpoint to time real weights")
 
 
 def model_names() -> list[str]:
-    return [SSDD_PREFIX + s for s in DECODER_SIZES] + [KL_VAE]
+    return [SSDD_PREFIX + s for s in DECODER_SIZES] + [KL_VAE] + [ENCODER_PREFIX + e for e in ENCODERS]
+
+
+def is_encoder(model: str) -> bool:
+    return model.startswith(ENCODER_PREFIX)
 
 
 def check_model_name(name: str) -> None:
@@ -73,6 +86,8 @@ class Workload:
         z = z.to(dtype)
         if self.model == KL_VAE:
             return (z,), None
+        if is_encoder(self.model):
+            return (torch.rand((batch, 3, height, width), generator=g).mul(2).sub(1).to(device, dtype),), None
         noise = randn((batch, 3, height, width), generator=g, device=device)  # fp32 Euler state
         t = (time_grid(self.steps)[0] * TIMESCALE).expand(batch).to(device)  # the first step's network time
         return (noise.to(dtype), t, z), noise
@@ -80,7 +95,7 @@ class Workload:
     def decode(self, net: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
                noise: torch.Tensor | None) -> torch.Tensor:
         """One full decode with the (transformed) network `net`."""
-        if self.model == KL_VAE:
+        if self.model == KL_VAE or is_encoder(self.model):
             return net(*inputs)
         _, _, z = inputs
         return euler_sample(net, z, noise, steps=self.steps)
@@ -104,6 +119,8 @@ def build_workload(model: str, *, steps: int = 1, checkpoint: str | None = None,
     check_model_name(model)
     if model == KL_VAE:
         return _build_kl_vae(checkpoint, kl_vae_config)
+    if is_encoder(model):
+        return _build_encoder(model[len(ENCODER_PREFIX):], checkpoint)
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
     size = model[len(SSDD_PREFIX):]
@@ -152,6 +169,33 @@ def _build_kl_vae(checkpoint: str | None, config) -> Workload:
     stride = 2 ** (len(vae.config.block_out_channels) - 1)
     net = KLVAEDecode(vae).float().eval().requires_grad_(False)
     return Workload(KL_VAE, net, 1, stride, vae.config.latent_channels, weights, _count(net))
+
+
+def _build_encoder(name: str, checkpoint: str | None) -> Workload:
+    if checkpoint is not None:
+        from ssdd_runtime.api import SSDD
+
+        full = SSDD.from_pretrained(checkpoint, encoder=name, local_files_only=True)
+        encoder, weights = full.encoder, str(checkpoint)
+    else:
+        torch.manual_seed(0)
+        encoder, weights = Encoder(encoder_config(name)), "random"
+    net = encoder.float().eval().requires_grad_(False)
+    return Workload(ENCODER_PREFIX + name, net, 1, encoder.cfg.stride, encoder.cfg.z_dim, weights, _count(net))
+
+
+def gflop(w: Workload, batch: int, height: int, width: int) -> float:
+    """GFLOP of one full call of `w` (all Euler steps) at (batch, height, width), counted on the meta device."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(w.net).to("meta")
+    ins, noise = w.example_inputs(batch, height, width, torch.float32, "cpu")
+    ins = tuple(a.to("meta") for a in ins)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        w.decode(net, ins, None if noise is None else noise.to("meta"))
+    return counter.get_total_flops() / 1e9
 
 
 def _count(m: nn.Module) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssdd_runtime.api import _check_finite, _check_tensor, _chunks
+from ssdd_runtime.checks import _check_finite, _check_tensor, _chunks, check_sampler_args, start_noise
 from ssdd_runtime.model import DiagonalGaussian, SSDDModule
 from ssdd_runtime.sampler import T_POW_SHIFT, TIMESCALE, euler_sample, randn
 
@@ -138,19 +138,32 @@ def convert(model: SSDDModule, part: str = "decoder", *, cache_dir=None) -> Path
         example = (torch.rand(2, 3, 4 * F, 6 * F) * 2 - 1,)
         shapes = [[-1, 3, -1, -1]]
         names = ENCODER_INPUTS
+    ov_model = convert_module(net, example, shapes=shapes, names=names)
+    ov_model.set_rt_info(part, ["ssdd", "part"])
+    ov_model.set_rt_info(str(F), ["ssdd", "stride"])
+    _save_atomic(ov, ov_model, xml)
+    log.info("converted %s (%s/%s) to %s", part, m.encoder_config.name, m.decoder_config.size, xml)
+    return xml
+
+
+def convert_module(net: nn.Module, example: tuple[torch.Tensor, ...], *, shapes=None, names=None):
+    """`openvino.convert_model` of a torch module (traced on `example`) -> ov.Model, fp32, in memory.
+
+    shapes: one partial shape per input (-1 = dynamic); default: batch, height and width dynamic
+    ((B, C, H, W) -> [-1, C, -1, -1], (B,) -> [-1]). names: tensor names of the inputs. Also used by the
+    benchmark's `openvino` backends (SSDD decoder, KL-VAE decoder, encoder)."""
+    ov = _require_openvino()
+    if shapes is None:
+        shapes = [[-1, a.shape[1], -1, -1] if a.dim() == 4 else [-1] * a.dim() for a in example]
     # convert_model traces the module. The TracerWarnings are the kernels' shape-constraint checks, which hold
     # for every valid input (the dynamic-shape tests run other sizes through the same graph).
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         ov_model = ov.convert_model(net.eval(), example_input=example,
                                     input=[ov.PartialShape(s) for s in shapes])
-    for port, name in zip(ov_model.inputs, names):
+    for port, name in zip(ov_model.inputs, names or ()):
         port.get_tensor().set_names({name})
-    ov_model.set_rt_info(part, ["ssdd", "part"])
-    ov_model.set_rt_info(str(F), ["ssdd", "stride"])
-    _save_atomic(ov, ov_model, xml)
-    log.info("converted %s (%s/%s) to %s", part, m.encoder_config.name, m.decoder_config.size, xml)
-    return xml
+    return ov_model
 
 
 def _save_atomic(ov, ov_model, xml: Path) -> None:
@@ -187,10 +200,13 @@ def compile_config(precision: str, *, threads: int | None = None, hint: str = "L
 def compile_ir(xml, *, precision: str = "f32", threads: int | None = None, hint: str = "LATENCY",
                cache: bool = True):
     """Compile an IR written by `convert` (or `quantize`) for the CPU, shapes dynamic. With cache=True the blob
-    goes to compiled/<IR stem>-dynamic-<precision>/ beside the IR folder and is reused by later compiles."""
+    goes to compiled/<IR stem>-dynamic-<precision>/ beside the IR folder and is reused by later compiles.
+    `xml` may also be an in-memory ov.Model (`convert_module`), compiled without a blob cache."""
     ov = _require_openvino()
-    xml = Path(xml)
     precision = check_precision(precision)
+    if isinstance(xml, ov.Model):
+        return ov.Core().compile_model(xml, "CPU", compile_config(precision, threads=threads, hint=hint))
+    xml = Path(xml)
     blob_dir = xml.parent.parent / "compiled" / f"{xml.stem}-dynamic-{precision}" if cache else None
     config = compile_config(precision, threads=threads, hint=hint, cache_dir=blob_dir)
     # From the file, not an ov.Model: a cache hit then skips reading the IR.
@@ -275,23 +291,8 @@ class OpenVINODecoder(_Part):
             raise ValueError(f"latent must have {self.z_dim} channels (B, {self.z_dim}, h, w), "
                              f"got shape {tuple(z.shape)}")
         _check_finite("latent", z)
-        # The same argument checks as SSDD.decode (api.py keeps them inline; see the wiring notes).
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(t_pow_shift, (int, float)) or not t_pow_shift > 0 or t_pow_shift == float("inf"):
-            raise ValueError(f"t_pow_shift must be a positive finite number, got {t_pow_shift!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        B, _, h, w = z.shape
-        shape = (B, 3, h * self.stride, w * self.stride)
-        if noise is None:
-            noise = randn(shape, generator=generator)  # whole batch first: chunking-invariant
-        else:
-            _check_tensor("noise", noise)
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
-                                 f"got {tuple(noise.shape)}")
-            _check_finite("noise", noise)
+        steps, t_pow_shift = check_sampler_args(steps, t_pow_shift, generator)
+        noise = start_noise(z, self.stride, noise, generator, "cpu")
         z, noise = z.to("cpu", torch.float32), noise.to("cpu", torch.float32)
         out = [self._with_fp32_fallback("decode", lambda net: euler_sample(net, zb, nb, steps=steps,
                                                                            t_pow_shift=float(t_pow_shift)))
@@ -327,6 +328,7 @@ class OpenVINOModel:
         self.xml, self.options = xml, options
         self.fp32_xml = fp32_xml or xml
         self.precision = options["precision"]
+        self.checkpoint: str | None = None  # the source file, as `SSDD.checkpoint`
         self._parts: dict[str, _Part] = {}
         self._lock = threading.Lock()
 
@@ -370,6 +372,9 @@ def to_openvino(model: SSDDModule, *, precision="f32", threads: int | None = Non
     """
     if not isinstance(model, SSDDModule):
         raise TypeError(f"model must be an SSDD or SSDDModule, got {type(model).__name__}")
+    if model.encoder_config is None:
+        raise ValueError("to_openvino converts SSDD's own encoder and decoder; this model is decoder-only (or has "
+                         "an external encoder), which the OpenVINO backend does not support yet")
     precision = check_precision(precision)
     if precision == "int8" and calibration is None:
         raise ValueError("precision='int8' needs calibration=latents (N, C, h, w) for NNCF's quantization")
@@ -382,7 +387,9 @@ def to_openvino(model: SSDDModule, *, precision="f32", threads: int | None = Non
     if precision == "int8":
         xml["decoder"] = quantize(xml["decoder"], calibration, stride=model.stride)
     options = dict(precision=precision, threads=threads, hint=hint, cache=cache)
-    return OpenVINOModel(model.encoder_config, model.decoder_config, xml, options, fp32_xml)
+    out = OpenVINOModel(model.encoder_config, model.decoder_config, xml, options, fp32_xml)
+    out.checkpoint = getattr(model, "checkpoint", None)
+    return out
 
 
 def quantize(xml, calibration: torch.Tensor, *, stride: int, seed: int = 0) -> Path:

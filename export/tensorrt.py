@@ -346,8 +346,7 @@ class TensorRTDecoder:
     def decode(self, z: torch.Tensor, *, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float | None = None,
                batch_size: int | None = None) -> torch.Tensor:
-        from ssdd_runtime.api import _check_finite, _check_tensor
-        from ssdd_runtime.sampler import randn
+        from ssdd_runtime.checks import _check_finite, _check_tensor, start_noise
 
         if steps is not None and steps != self.steps:
             raise ValueError(f"this engine decodes with {self.steps} step(s) (fixed at export); got steps={steps}")
@@ -358,20 +357,13 @@ class TensorRTDecoder:
             raise ValueError(f"latent must have {self.z_dim} channels (B, {self.z_dim}, h, w), got shape "
                              f"{tuple(z.shape)}")
         _check_finite("latent", z)
-        B, _, h, w = z.shape
-        shape = (B, 3, h * self.stride, w * self.stride)
+        B = z.shape[0]
         if self.graph_noise:
             if noise is not None or generator is not None:
                 raise ValueError("this engine draws its noise in the graph (exported with noise='graph'): "
                                  "pass neither noise nor generator")
-        elif noise is None:
-            noise = randn(shape, generator=generator, device=self.device)
         else:
-            _check_tensor("noise", noise)
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
-                                 f"got {tuple(noise.shape)}")
-            _check_finite("noise", noise)
+            noise = start_noise(z, self.stride, noise, generator, self.device)
         max_batch = self.profile.shapes["latent_sample"][2][0]
         step = min(batch_size or max_batch, max_batch)
         out = [self._run(z[i:i + step], None if noise is None else noise[i:i + step]) for i in range(0, B, step)]

@@ -1,8 +1,6 @@
 """The public `SSDD` class: loading, input validation, dtype policy, batching and noise around `SSDDModule`."""
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import threading
 import warnings
@@ -10,12 +8,14 @@ import warnings
 import torch
 
 from ssdd_runtime import optimize, tiled, weights
+from ssdd_runtime.checks import (MAX_STEPS, _check_finite, _check_tensor, _chunks,  # noqa: F401 (re-exported)
+                                 check_sampler_args, start_noise)
 from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
-from ssdd_runtime.sampler import T_POW_SHIFT, randn
+from ssdd_runtime.sampler import T_POW_SHIFT
 
-MAX_STEPS = 10_000  # far beyond any useful Euler schedule (the paper uses 1..8); bounds runaway loops
 _FP32_LOCK = threading.Lock()  # guards the lazily built fp32 copy used by the non-finite fallback
 
+BACKENDS = ("torch", "openvino")  # SSDD.to_backend / from_pretrained(backend=)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -66,14 +66,26 @@ class SSDD(SSDDModule):
     def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None, *, revision: str | None = None,
                         encoder=None, decoder: str | None = None, device=None,
                         dtype: torch.dtype | str | None = None, local_files_only: bool = False,
-                        cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None) -> SSDD:
+                        cache_dir: str | os.PathLike | None = None, use_triton: bool | None = None,
+                        backend: str = "torch") -> SSDD:
         """Load an official SSDD checkpoint from a local `.safetensors` path or a Hub repo (`facebook/SSDD` +
         `filename`). The architecture comes from the tensor shapes; `encoder=`/`decoder=` are checked against it.
+        backend="openvino": loaded in fp32 on the CPU, returned as `to_backend("openvino", precision=dtype)`.
 
         Decoder-only files (the SDVAE decoders) load as decode-only models, or paired with an external encoder:
         `encoder="sdvae"` loads diffusers' `stabilityai/sd-vae-ft-mse` (with this call's `cache_dir` and
         `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
         check_device(device)  # before reading a checkpoint
+        if _check_backend(backend) != "torch":  # fp32 weights on the CPU; the backend takes the precision
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"backend={backend!r} runs on the CPU; got device={device!r}")
+            precision = as_dtype(dtype)
+            from ssdd_runtime.export.openvino import check_precision
+
+            check_precision(precision)  # fp16 fails here, before any download
+            model = cls.from_pretrained(source, filename, revision=revision, encoder=encoder, decoder=decoder,
+                                        local_files_only=local_files_only, cache_dir=cache_dir, use_triton=False)
+            return model.to_backend(backend, precision=precision)
         path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
         state_dict = weights.read_state_dict(path)  # a bad file fails before the VAE is fetched
@@ -137,6 +149,19 @@ class SSDD(SSDDModule):
             model.encoder = external  # a plain attribute, not a submodule: the state dict stays decoder.* only
         return model
 
+    def to_backend(self, name: str, *, precision=None, threads: int | None = None, cache_dir=None):
+        """This model on an inference backend. "torch": `self`. "openvino": an `OpenVINOModel` (CPU) with the same
+        encode/decode, from `export.openvino.to_openvino(self, precision=...)`; precision "f32" (default), "bf16"
+        or a torch dtype; threads: OpenVINO's thread count; cache_dir: its IR and compiled-model cache."""
+        if _check_backend(name) == "torch":
+            if precision is not None or threads is not None or cache_dir is not None:
+                raise ValueError("precision/threads/cache_dir apply to backend 'openvino'; for torch use .to(dtype)")
+            return self
+        from ssdd_runtime.export.openvino import to_openvino
+
+        return to_openvino(self, precision="f32" if precision is None else precision, threads=threads,
+                           cache_dir=cache_dir)
+
     @property
     def device(self) -> torch.device:
         return self.decoder.conv_in.weight.device
@@ -198,26 +223,10 @@ class SSDD(SSDDModule):
             raise ValueError(f"latent must have {C} channels (B, {C}, h, w) for this "
                              f"{self.encoder_name or 'decode-only'} model, got shape {tuple(z.shape)}")
         _check_finite("latent", z)
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
-        steps = int(steps)
-        if (isinstance(t_pow_shift, bool) or not isinstance(t_pow_shift, numbers.Real)
-                or not (t_pow_shift > 0 and math.isfinite(t_pow_shift))):
-            raise ValueError(f"t_pow_shift must be a positive finite number, got {t_pow_shift!r}")
+        steps, t_pow_shift = check_sampler_args(steps, t_pow_shift, generator)
         if tile is not None:
             tiled.check_tile(tile)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        B, _, h, w = z.shape
-        shape = (B, 3, h * self.stride, w * self.stride)
-        if noise is None:
-            noise = randn(shape, generator=generator, device=self.device)  # whole batch first: chunking-invariant
-        else:
-            _check_tensor("noise", noise)
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
-                                 f"got {tuple(noise.shape)}")
-            _check_finite("noise", noise)
+        noise = start_noise(z, self.stride, noise, generator, self.device)  # whole batch first: chunk-invariant
         def run(m, zb, nb):
             if tile is not None:
                 return tiled.sample(m.decoder, zb.to(m.dtype), nb, steps=steps, t_pow_shift=float(t_pow_shift),
@@ -282,28 +291,7 @@ def _all_finite(out) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _check_tensor(name: str, t, rank: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_meta:
-        raise ValueError(f"{name} is a meta-device tensor (shape only, no data): pass a CPU or CUDA tensor")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if rank is not None and t.dim() != rank:
-        raise ValueError(f"{name} must be a {rank}-D tensor (B, C, H, W), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
-
-
-def _chunks(t: torch.Tensor, batch_size: int | None):
-    if batch_size is None:
-        return [t]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return list(t.split(batch_size))
+def _check_backend(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name

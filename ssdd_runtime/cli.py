@@ -6,7 +6,6 @@ its model through `load_model`. Library modules (export/, integrations/, benchma
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ssdd_runtime.api import MAX_STEPS, SSDD, check_device
+from ssdd_runtime.api import BACKENDS, MAX_STEPS, SSDD, check_device
 from ssdd_runtime.io import (atomic_output, atomic_output_folder, confined_path, list_images, load_image,
                              load_latents, psnr, same_shape_batches, save_image, save_latents, unique_names,
                              write_text_atomic)
@@ -36,9 +35,12 @@ Time SSDD decoding against the KL-VAE decoder (diffusers AutoencoderKL, SD-VAE f
 backends available here; unavailable backends are skipped with their reason. Weights are random unless
 checkpoints are given: throughput does not depend on weight values. Runs offline.
 
---quick: SSDD-M 1-step vs KL-VAE, 256x256, batch 1, fp32 on CPU, eager (+ ONNX Runtime when installed),
-1 warm-up + 3 timed calls each; prints the SSDD/KL-VAE images/s ratio."""
-BENCH_BACKENDS = ["eager", "triton", "compile", "cudagraphs", "onnxruntime", "tensorrt"]
+--quick: SSDD-M 1-step vs KL-VAE, 256x256, batch 1, on CPU: the fastest available CPU backend (openvino-bf16,
+openvino, onnxruntime, eager: the first installed) and eager fp32, 1 warm-up + 3 timed calls each; prints
+SSDD's images/s over the KL-VAE's on the same backend and over the KL-VAE's in eager PyTorch, warns when the
+load average is above the core count, and writes the plot (--plot, default ssdd_bench_quick.png)."""
+BENCH_BACKENDS = ["eager", "triton", "compile", "cudagraphs", "onnxruntime", "tensorrt", "openvino", "openvino-bf16"]
+QUICK_PLOT = "ssdd_bench_quick.png"
 DTYPES = ["fp32", "bf16", "fp16"]
 
 
@@ -136,13 +138,16 @@ def _checkpoint_flags(*, required: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _runtime_flags(*, device: bool = True) -> argparse.ArgumentParser:
+def _runtime_flags(*, device: bool = True, backend: bool = False) -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("runtime")
     if device:
         g.add_argument("--device", default=None, type=_device,
                        help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights/activations dtype (default fp32)")
+    if backend:
+        g.add_argument("--backend", default="torch", choices=BACKENDS,
+                       help="torch (default) or openvino (CPU; --dtype fp32 or bf16 picks its precision)")
     return p
 
 
@@ -174,9 +179,12 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
     """The model the checkpoint flags name, on `device`/`dtype` if given, else --device/--dtype (default: cuda if
     available, else cpu; fp32)."""
     source, filename, revision = checkpoint_source(args)
-    device = device or getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SSDD.from_pretrained(source, filename, revision=revision, device=device,
-                                dtype=dtype or getattr(args, "dtype", None))
+    backend, dtype = getattr(args, "backend", "torch"), dtype or getattr(args, "dtype", None)
+    if backend == "openvino" and dtype == "fp16":
+        raise ValueError("--backend openvino runs --dtype fp32 or bf16 (no fp16 on OpenVINO's CPU plugin)")
+    cuda = torch.cuda.is_available() and backend == "torch"
+    device = device or getattr(args, "device", None) or ("cuda" if cuda else "cpu")
+    return SSDD.from_pretrained(source, filename, revision=revision, device=device, dtype=dtype, backend=backend)
 
 
 # -- the parser -----------------------------------------------------------------------------------------------
@@ -184,7 +192,7 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
 
 def build_parser() -> argparse.ArgumentParser:
     ckpt, runtime, decode, batch = _checkpoint_flags(), _runtime_flags(), _sampler_flags(), _batch_flag(None)
-    model = [ckpt, runtime]
+    model = [ckpt, _runtime_flags(backend=True)]  # encode, decode, reconstruct
     parser = _Parser(prog="ssdd", description="SSDD image tokenizer runtime: encode images to "
                      "latents and decode them with the single-step diffusion decoder.",
                      epilog="Errors are one line on stderr with exit status 2; --debug (or SSDD_DEBUG=1) shows the "
@@ -708,8 +716,8 @@ def cmd_bench(args) -> int:
     from ssdd_runtime.benchmarks import report, run
 
     if args.quick:
-        backends = ["eager"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") else [])
-        device, repeats = "cpu", 3
+        backends, device, repeats = run.quick_backends(), "cpu", 3
+        args.plot = args.plot or QUICK_PLOT
     else:
         backends, device, repeats = BENCH_BACKENDS, "cuda" if torch.cuda.is_available() else "cpu", 5
     cfg = run.Config(models=args.models, backends=backends if args.backends is None else args.backends,
@@ -735,6 +743,12 @@ def cmd_bench(args) -> int:
     print(report.table(result))
     for note in result["notes"]:
         print(f"note: {note}")
+    if args.quick:
+        for line in run.quick_summary(result):
+            print(line)
+        warning = run.load_warning()
+        if warning:
+            print(warning)
     for path, write in outputs:  # the writers are benchmarks/'; the atomic rename is ours
         with atomic_output(path) as tmp:
             write(result, str(tmp))

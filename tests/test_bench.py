@@ -319,3 +319,104 @@ def test_write_json_is_atomic_and_checked(tmp_path):
     with pytest.raises(ValueError, match="does not follow"):
         schema.write_json({"env": {}}, tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- OpenVINO backends, FLOP rate, --quick -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model,height,width", [("kl-vae", 64, 64), ("ssdd-S", 64, 64), ("encoder-f8c4", 64, 96)])
+def test_openvino_backends_match_eager(model, height, width, one_thread):
+    """The converted network (dynamic B/H/W) decodes, or encodes, what eager PyTorch computes. Bounds: f32
+    max abs <= 1e-4 x max|ref| (fp32 summation order only; measured ~1e-6 relative); bf16 relative L2 <= 3e-2
+    (8-bit mantissa weights and activations, fp32 accumulation; measured ~0.5-1%)."""
+    pytest.importorskip("openvino", reason="openvino not installed")
+    from conftest import assert_close
+
+    w = build_workload(model, kl_vae_config=TINY_VAE)
+    ins, noise = w.example_inputs(2, height, width, torch.float32, CPU, seed=1)
+    with torch.inference_mode():
+        ref = w.decode(w.net, ins, noise)
+        scale = float(ref.abs().max())
+        for backend, atol, rtol_l2 in (("openvino", 1e-4 * scale, None), ("openvino-bf16", scale, 3e-2)):
+            if bk.unavailable_reason(backend, CPU) is not None:
+                continue
+            run, info = bk.prepare(backend, w.net, ins, is_ssdd=model != "kl-vae")
+            assert info["backend_options"]["precision"] == bk.OPENVINO[backend] and info["prepare_s"] > 0
+            assert ("export_s" in info) == (backend == "openvino")  # bf16 compiles the f32 run's conversion
+            assert_close(w.decode(run, ins, noise), ref, atol=atol, rtol_l2=rtol_l2, name=f"{model} {backend}")
+
+
+def test_openvino_needs_fp32_network_and_the_cpu():
+    pytest.importorskip("openvino", reason="openvino not installed")
+    assert "--dtype fp32" in bk.unavailable_reason("openvino", CPU, torch.bfloat16)
+    assert "CPU" in bk.unavailable_reason("openvino-bf16", torch.device("cuda"))
+
+
+def test_gflop_counts_the_known_networks():
+    """SSDD-M 1-step at 256x256: the issue's 539 GFLOP (dense-mask attention counted as computed); the SD-VAE
+    decoder: 622 GFLOP (3x3 convolutions dominate: 2 x MACs). Counted on the meta device, no compute."""
+    from ssdd_runtime.benchmarks.workloads import gflop
+
+    assert gflop(build_workload("ssdd-M"), 1, 256, 256) == pytest.approx(539, rel=0.03)
+    assert gflop(build_workload("kl-vae"), 1, 256, 256) == pytest.approx(622, rel=0.03)
+    assert gflop(build_workload("kl-vae"), 4, 256, 256) == pytest.approx(4 * 622, rel=0.03)
+
+
+def test_cpu_peak_formula():
+    from ssdd_runtime.benchmarks.run import cpu_peak
+
+    info = {"cpu_max_mhz": None, "cpuinfo_mhz": 2500.0, "physical_cores": 2, "flags": ["avx512f", "avx512_bf16"]}
+    peak = cpu_peak(2, info)
+    assert peak["fp32_gflops"] == pytest.approx(2 * 2 * 16 * 2 * 2.5) and peak["bf16_gflops"] == 2 * peak["fp32_gflops"]
+    assert cpu_peak(1, {**info, "cpu_max_mhz": 3500.0})["fp32_gflops"] == pytest.approx(2 * 16 * 2 * 3.5)
+    assert cpu_peak(2, {**info, "flags": ["avx512f"]})["bf16_gflops"] == peak["fp32_gflops"]
+    assert "cores x 2 FMA" in peak["formula"]
+
+
+def _row(model, backend, dtype, ips):
+    return {"model": model, "label": model + ("@1" if model.startswith("ssdd") else ""), "backend": backend,
+            "dtype": dtype, "batch": 1, "height": 256, "width": 256, "images_per_s": ips, "task": "decode"}
+
+
+def test_quick_summary_gives_both_ratios():
+    from ssdd_runtime.benchmarks.run import quick_summary
+
+    rows = [_row("ssdd-M", "openvino-bf16", "bf16", 1.2), _row("kl-vae", "openvino-bf16", "bf16", 1.0),
+            _row("ssdd-M", "eager", "fp32", 0.4), _row("kl-vae", "eager", "fp32", 0.375)]
+    lines = quick_summary({"results": rows})
+    assert lines == ["ssdd-M@1 on openvino-bf16 bf16, batch 1 256x256: 1.20x the images/s of the KL-VAE on "
+                     "openvino-bf16 bf16 (same backend)",
+                     "ssdd-M@1 on openvino-bf16 bf16, batch 1 256x256: 3.20x the images/s of the KL-VAE in eager "
+                     "PyTorch fp32"]
+    only_eager = quick_summary({"results": rows[2:]})
+    assert len(only_eager) == 2 and "1.07x" in only_eager[0] and "1.07x" in only_eager[1]
+
+
+def test_load_warning(monkeypatch):
+    from ssdd_runtime.benchmarks.run import load_warning
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    assert "load average 9.5 is above the 2 cores" in load_warning(2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert load_warning(2) is None
+
+
+def test_cli_quick_prints_both_ratios_the_warning_and_the_plot(tmp_path, capsys, monkeypatch, one_thread):
+    """`ssdd bench --quick` on tiny models: the fastest CPU backend plus eager, both ratios, the load warning
+    (load average forced above the core count) and the plot path."""
+    from ssdd_runtime.benchmarks.run import quick_backends
+    from ssdd_runtime.cli import QUICK_PLOT
+
+    vae_cfg = tmp_path / "vae.json"
+    vae_cfg.write_text(json.dumps(TINY_VAE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    rc = main(["bench", "--quick", "--models", "ssdd-XS,kl-vae", "--kl-vae-config", str(vae_cfg), "--res", "64",
+               "--warmup", "0", "--repeats", "1", "--rotate", "1", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    best = quick_backends()[0]
+    assert f"x the images/s of the KL-VAE on {best}" in out
+    assert "x the images/s of the KL-VAE in eager PyTorch fp32" in out
+    assert "warning: load average 99.0 is above" in out
+    assert f"wrote {QUICK_PLOT}" in out and (tmp_path / QUICK_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -207,3 +207,65 @@ def test_int8_stretch_psnr_vs_f32(eov, model, cache_dir, ov_f32):
     print(f"OpenVINO int8 vs f32 decode, 64x64: {db:.1f} dB")
     assert db >= 35
     assert list((cache_dir / "ir").glob("decoder-*-int8-*.xml"))
+
+
+# --- the public entry points: SSDD.to_backend, from_pretrained(backend=), the CLI's --backend -----------------
+
+
+@pytest.fixture
+def xdg_cache(cache_dir, tmp_path, monkeypatch):
+    """Point the default cache (XDG_CACHE_HOME/ssdd-runtime/openvino) at the module's cache: no re-conversion."""
+    (tmp_path / "xdg" / "ssdd-runtime").mkdir(parents=True)
+    (tmp_path / "xdg" / "ssdd-runtime" / "openvino").symlink_to(cache_dir)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def test_to_backend(eov, model, cache_dir, ov_f32):
+    assert model.to_backend("torch") is model
+    with pytest.raises(ValueError, match="unknown backend 'onnx'; expected one of torch, openvino"):
+        model.to_backend("onnx")
+    with pytest.raises(ValueError, match="apply to backend 'openvino'"):
+        model.to_backend("torch", precision="bf16")
+    ov = model.to_backend("openvino", threads=THREADS, cache_dir=cache_dir)
+    assert isinstance(ov, eov.OpenVINOModel) and ov.precision == "f32" and ov.stride == model.stride
+    z = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    assert_close(ov.decode(z, noise=noise), model.decode(z, noise=noise), atol=TOL, name="to_backend decode")
+    assert model.to_backend("openvino", precision=torch.bfloat16, cache_dir=cache_dir).precision == "bf16"
+
+
+def test_from_pretrained_backend(eov, make_checkpoint, xdg_cache):
+    ckpt = make_checkpoint("f8c4", "S", 0)
+    ov = SSDD.from_pretrained(ckpt, backend="openvino", dtype="bf16")
+    assert isinstance(ov, eov.OpenVINOModel) and ov.precision == "bf16" and ov.checkpoint == str(ckpt)
+    assert SSDD.from_pretrained(ckpt, backend="openvino").precision == "f32"
+    for kwargs, match in (({"backend": "tensorrt"}, "expected one of torch, openvino"),
+                          ({"backend": "openvino", "dtype": "fp16"}, "fp16 is not offered"),
+                          ({"backend": "openvino", "device": "cuda"}, "runs on the CPU")):
+        with pytest.raises(ValueError, match=match):
+            SSDD.from_pretrained(ckpt, **kwargs)
+
+
+def test_cli_backend_openvino(eov, make_checkpoint, xdg_cache, ov_f32, tmp_path, capsys):
+    """encode -> decode -> reconstruct with --backend openvino; fp16 is a one-line error, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from ssdd_runtime import io
+    from ssdd_runtime.cli import main
+
+    ckpt = str(make_checkpoint("f8c4", "S", 0))
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(img)
+    lat = tmp_path / "z.safetensors"
+    ov = ["--checkpoint", ckpt, "--backend", "openvino"]
+    assert main(["encode", str(img), "-o", str(lat), *ov]) == 0
+    z, _ = io.load_latents(lat)
+    assert_close(z, ov_f32.encode(io.load_image(str(img), multiple_of=8)).mode(), atol=TOL, name="CLI encode")
+    assert main(["decode", str(lat), "-o", str(tmp_path / "dec"), *ov, "--dtype", "bf16"]) == 0
+    assert (tmp_path / "dec" / "a.png").is_file()
+    assert main(["reconstruct", str(img), "-o", str(tmp_path / "rec"), *ov]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    assert main(["decode", str(lat), "-o", str(tmp_path / "x"), *ov, "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--backend openvino runs --dtype fp32 or bf16" in err
