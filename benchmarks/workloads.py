@@ -190,7 +190,7 @@ def gflop(w: Workload, batch: int, height: int, width: int) -> float:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = copy.deepcopy(w.net).to("meta")
+    net = copy.deepcopy(w.net).to("meta", torch.float32)  # FLOPs do not depend on the dtype the run used
     ins, noise = w.example_inputs(batch, height, width, torch.float32, "cpu")
     ins = tuple(a.to("meta") for a in ins)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -337,6 +337,10 @@ class OpenVINOModel:
         return self.encoder_config.stride
 
     @property
+    def encoder_name(self) -> str | None:  # as SSDD.encoder_name (latent metadata, CLI)
+        return self.encoder_config.name if self.encoder_config is not None else None
+
+    @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 

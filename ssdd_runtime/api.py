@@ -75,7 +75,6 @@ class SSDD(SSDDModule):
         Decoder-only files (the SDVAE decoders) load as decode-only models, or paired with an external encoder:
         `encoder="sdvae"` loads diffusers' `stabilityai/sd-vae-ft-mse` (with this call's `cache_dir` and
         `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
-        check_device(device)  # before reading a checkpoint
         if _check_backend(backend) != "torch":  # fp32 weights on the CPU; the backend takes the precision
             if device is not None and torch.device(device).type != "cpu":
                 raise ValueError(f"backend={backend!r} runs on the CPU; got device={device!r}")
@@ -86,6 +85,7 @@ class SSDD(SSDDModule):
             model = cls.from_pretrained(source, filename, revision=revision, encoder=encoder, decoder=decoder,
                                         local_files_only=local_files_only, cache_dir=cache_dir, use_triton=False)
             return model.to_backend(backend, precision=precision)
+        check_device(device)  # before reading a checkpoint
         path = weights.resolve_checkpoint(source, filename, revision=revision, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
         state_dict = weights.read_state_dict(path)  # a bad file fails before the VAE is fetched

@@ -63,3 +63,10 @@ def assert_close(out, ref, *, atol, rtol_l2=None, name="output"):
     assert err.max().item() <= atol, msg
     if rtol_l2 is not None:
         assert rel <= rtol_l2, msg
+
+
+def pytest_configure(config):
+    # OpenVINO's CPU plugin keeps native worker threads alive in the process; a later fork (DataLoader workers)
+    # then crashes the whole pytest process (reproduced: test_bench's OpenVINO tests followed by test_data's
+    # 2-worker DataLoader -> SIGSEGV). `make test` therefore runs the tests marked `openvino` in a second process.
+    config.addinivalue_line("markers", "openvino: loads OpenVINO in-process (run apart: make test does)")

@@ -324,6 +324,7 @@ def test_write_json_is_atomic_and_checked(tmp_path):
 # -- OpenVINO backends, FLOP rate, --quick -----------------------------------------------------------------------
 
 
+@pytest.mark.openvino
 @pytest.mark.parametrize("model,height,width", [("kl-vae", 64, 64), ("ssdd-S", 64, 64), ("encoder-f8c4", 64, 96)])
 def test_openvino_backends_match_eager(model, height, width, one_thread):
     """The converted network (dynamic B/H/W) decodes, or encodes, what eager PyTorch computes. Bounds: f32
@@ -346,6 +347,7 @@ def test_openvino_backends_match_eager(model, height, width, one_thread):
             assert_close(w.decode(run, ins, noise), ref, atol=atol, rtol_l2=rtol_l2, name=f"{model} {backend}")
 
 
+@pytest.mark.openvino
 def test_openvino_needs_fp32_network_and_the_cpu():
     pytest.importorskip("openvino", reason="openvino not installed")
     assert "--dtype fp32" in bk.unavailable_reason("openvino", CPU, torch.bfloat16)
@@ -401,6 +403,7 @@ def test_load_warning(monkeypatch):
     assert load_warning(2) is None
 
 
+@pytest.mark.openvino
 def test_cli_quick_prints_both_ratios_the_warning_and_the_plot(tmp_path, capsys, monkeypatch, one_thread):
     """`ssdd bench --quick` on tiny models: the fastest CPU backend plus eager, both ratios, the load warning
     (load average forced above the core count) and the plot path."""

@@ -18,6 +18,8 @@ from ssdd_runtime import SSDD
 from ssdd_runtime.model import SSDDModule
 from ssdd_runtime.testing import test_state_dict, test_tensor
 
+pytestmark = pytest.mark.openvino  # run in its own process (conftest.py says why)
+
 TOL = 5e-4  # OpenVINO f32 vs golden / PyTorch fp32, max abs (outputs have std ~1; measured ~1e-5)
 THREADS = 2
 

@@ -35,8 +35,8 @@ torch.library.custom_op torch.linspace torch.manual_seed torch.meshgrid torch.nn
 torch.nn.LayerNorm torch.nn.Linear torch.nn.Module torch.nn.ModuleList torch.nn.Parameter torch.nn.Sequential
 torch.nn.SiLU torch.nn.functional torch.nn.functional.gelu torch.nn.functional.group_norm
 torch.nn.functional.interpolate torch.nn.functional.layer_norm torch.nn.functional.pad
-torch.nn.functional.scaled_dot_product_attention torch.nn.functional.silu torch.no_grad torch.ones torch.randn
-torch.sin torch.tensor torch.utils.collect_env torch.utils.collect_env.get_env_info torch.version.cuda torch.where
+torch.nn.functional.scaled_dot_product_attention torch.nn.functional.silu torch.no_grad torch.ones torch.rand torch.randn
+torch.sin torch.tensor torch.utils.collect_env torch.utils.collect_env.get_env_info torch.version.cuda torch.utils.flop_counter.FlopCounterMode torch.where
 torch.zeros torch.zeros_like
 """.split())
 
