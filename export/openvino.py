@@ -225,6 +225,12 @@ class OpenVINONetwork:
         self.compiled, self.precision = compiled, precision
 
     @property
+    def inference_precision(self) -> str:
+        """The precision the plugin computes in ("f32", "bf16"): the CPU plugin runs a "bf16" request in f32 on a
+        CPU without bf16 instructions (no BF16 in OPTIMIZATION_CAPABILITIES)."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    @property
     def loaded_from_cache(self) -> bool:
         return bool(self.compiled.get_property("LOADED_FROM_CACHE"))
 
@@ -246,6 +252,11 @@ class _Part:
         self._options = dict(threads=threads, hint=hint, cache=cache)
         self._fp32_xml = Path(fp32_xml) if fp32_xml is not None else self.xml
         self.net = OpenVINONetwork(compile_ir(self.xml, precision=self.precision, **self._options), self.precision)
+        if self.precision == "bf16" and self.net.inference_precision != "bf16":
+            caps = ", ".join(_require_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            warnings.warn(f"OpenVINO precision 'bf16' runs in {self.net.inference_precision} on this CPU (no bf16 "
+                          f"support; OPTIMIZATION_CAPABILITIES: {caps}): the output is the f32 result",
+                          RuntimeWarning, stacklevel=3)
         self._fp32_net = self.net if self.precision == "f32" else None
         self._lock = threading.Lock()
 

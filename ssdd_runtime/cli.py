@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None,
                    help="JSON file to write (required for images; default for shards: OUT/.ssdd/latent_stats.json)")
 
-    ray = [ckpt, _runtime_flags(device=False), _batch_flag(8, per="actor call"), _ray_flags()]
+    ray = [ckpt, _runtime_flags(device=False, backend=True), _batch_flag(8, per="actor call"), _ray_flags()]
     p = command("tokenize", cmd_tokenize, "images -> latent shards with Ray Data (resumable)", parents=ray,
                 epilog=EPILOG + " " + RAY_EPILOG,
                 description="Encode a folder, image files or parquet files of images (bytes or Hugging Face "
@@ -591,7 +591,7 @@ def _ray_job(args) -> dict:
     return dict(checkpoint=source, filename=filename, revision=revision, batch_size=args.batch_size,
                 concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
                 num_cpus_per_actor=args.num_cpus_per_actor, dtype=args.dtype, address=args.address,
-                num_cpus=args.num_cpus)
+                num_cpus=args.num_cpus, backend=args.backend)
 
 
 def _print_report(report) -> int:

@@ -243,20 +243,8 @@ class TiledDecoder:
             return _top_down(dec, t.crop(x, F_), t.crop(z), t.crop(ctx), temb, norm)
 
         down_tiles = tiles(h, w, self.tile, math.ceil(D_RADIUS / F_))
-        for target in self.down_norms:  # one pass per GroupNorm, each tile stopping once it is recorded
-            record = Stats()
-            for t in down_tiles:
-                try:
-                    down(t, Norm(t, stats, record, target))
-                except _Stop:
-                    pass
-            stats.update(record.finish())
-        quarter = None  # (B, C1, H/4, W/4): the tiled down path's output, whole
-        for t in down_tiles:
-            out = down(t, Norm(t, stats))[-1]
-            if quarter is None:
-                quarter = out.new_empty(B, out.shape[1], H // 4, W // 4)
-            t.put(quarter, out)
+        _record_stats(down, down_tiles, self.down_norms, stats)
+        quarter = _assemble(lambda t, norm: down(t, norm)[-1], down_tiles, stats, (B, H // 4, W // 4))
         low = _core(dec, quarter, ctx, temb, self.tile)  # (B, C2, H/4, W/4)
         del quarter
 
@@ -265,21 +253,32 @@ class TiledDecoder:
             return _top_up(dec, t.crop(low, F_ // 4), skips, t.crop(ctx), temb, norm)
 
         up_tiles = tiles(h, w, self.tile, math.ceil(U_RADIUS / F_))
-        for target in self.up_norms:
-            record = Stats()
-            for t in up_tiles:
-                try:
-                    up(t, Norm(t, stats, record, target))
-                except _Stop:
-                    pass
-            stats.update(record.finish())
-        v = None
-        for t in up_tiles:
-            out = up(t, Norm(t, stats))
-            if v is None:
-                v = out.new_empty(B, out.shape[1], H, W)
-            t.put(v, out)
-        return v
+        _record_stats(up, up_tiles, self.up_norms, stats)
+        return _assemble(up, up_tiles, stats, (B, H, W))
+
+
+def _record_stats(run, tiles_, targets, stats: dict) -> None:
+    """One pass over the tiles per GroupNorm in `targets` (evaluation order): each tile runs until that norm has
+    recorded its partial sums, then the whole-image statistics are merged into `stats`."""
+    for target in targets:
+        record = Stats()
+        for t in tiles_:
+            try:
+                run(t, Norm(t, stats, record, target))
+            except _Stop:
+                pass
+        stats.update(record.finish())
+
+
+def _assemble(run, tiles_, stats: dict, bhw: tuple[int, int, int]) -> torch.Tensor:
+    """Run every tile with the whole-image statistics and paste its core into a (B, C, H, W) output."""
+    full = None
+    for t in tiles_:
+        out = run(t, Norm(t, stats))
+        if full is None:
+            full = out.new_empty(bhw[0], out.shape[1], *bhw[1:])
+        t.put(full, out)
+    return full
 
 
 def sample(decoder: UViTDecoder, z: torch.Tensor, noise: torch.Tensor, *, steps: int = 1,

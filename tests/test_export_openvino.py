@@ -82,8 +82,27 @@ def test_two_step_decode_matches_pytorch_with_generator(ov_f32, model):
     assert_close(out, ref, atol=TOL, name="2-step decode")
 
 
-def test_bf16_psnr_vs_f32(eov, model, cache_dir, ov_f32):
+def _cpu_has_bf16(eov) -> bool:
+    return "BF16" in eov._require_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_bf16_on_a_cpu_without_bf16_warns_and_runs_f32(eov, model, cache_dir, ov_f32):
+    if _cpu_has_bf16(eov):
+        pytest.skip("this CPU has bf16 (OpenVINO OPTIMIZATION_CAPABILITIES lists BF16): the fallback is not reached")
     ov_bf16 = eov.to_openvino(model, precision="bf16", threads=THREADS, cache_dir=cache_dir)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="'bf16' runs in f32 on this CPU"):
+        out = ov_bf16.decode(z, generator=torch.Generator().manual_seed(1))
+    assert ov_bf16.part("decoder").net.inference_precision == "f32"
+    assert_close(out, ov_f32.decode(z, generator=torch.Generator().manual_seed(1)), atol=TOL, name="bf16 as f32")
+
+
+def test_bf16_psnr_vs_f32(eov, model, cache_dir, ov_f32):
+    if not _cpu_has_bf16(eov):
+        pytest.skip("this CPU has no bf16 support (no BF16 in OpenVINO OPTIMIZATION_CAPABILITIES): OpenVINO runs "
+                    "bf16 requests in f32, checked by test_bf16_on_a_cpu_without_bf16_warns_and_runs_f32")
+    ov_bf16 = eov.to_openvino(model, precision="bf16", threads=THREADS, cache_dir=cache_dir)
+    assert ov_bf16.part("decoder").net.inference_precision == "bf16"
     g, _ = load_golden("S_f8c4_64_b1")
     z = ov_f32.encode(g["x"]).mean  # the S_f8c4_64 case uses other weights; its image is still a fine input
     noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -78,27 +78,31 @@ def test_dit_pipeline_images_are_our_decode_of_its_latents(model, dtype):
     pipe = dit_pipeline(vae).to(dtype)
     assert vae.dtype == dtype and vae.ssdd.dtype == dtype and pipe.transformer.dtype == dtype
     seen = spy_final_latents(pipe)
+    # bf16 convolutions are slow on CPUs without bf16 instructions: one image in bf16, two in fp32
+    labels = [3, 7] if dtype == torch.float32 else [3]
+    n = len(labels)
 
     def run(seed):
-        return pipe(class_labels=[3, 7], guidance_scale=4.0, num_inference_steps=2, output_type="pt",
+        return pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=2, output_type="pt",
                     generator=torch.Generator().manual_seed(seed)).images
 
     images = run(0)
-    assert images.shape == (2, 3, 64, 64) and images.dtype == dtype
+    assert images.shape == (n, 3, 64, 64) and images.dtype == dtype
     assert float(images.min()) >= 0 and float(images.max()) <= 1
 
     # What diffusers does after the loop: drop the CFG half, latents / scaling_factor, decode, x/2 + 0.5, clamp.
     latents = seen[-1].chunk(2)[0]
-    assert latents.shape == (2, 4, 8, 8) and latents.dtype == dtype
-    ours = vae.ssdd.decode(1 / SCALING * latents, noise=seeded_noise(2, 64), steps=1)  # core API, fp32 out
+    assert latents.shape == (n, 4, 8, 8) and latents.dtype == dtype
+    ours = vae.ssdd.decode(1 / SCALING * latents, noise=seeded_noise(n, 64), steps=1)  # core API, fp32 out
     expected = (ours.to(dtype) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
     assert float(expected.float().std()) > 0.05  # a real image, not a constant
 
     if dtype == torch.bfloat16:  # bf16 weights decode close to the fp32 model on the same latents
-        ref = model.decode(1 / SCALING * latents.float(), noise=seeded_noise(2, 64), steps=1)
+        ref = model.decode(1 / SCALING * latents.float(), noise=seeded_noise(n, 64), steps=1)
         err = float(((ref / 2 + 0.5).clamp(0, 1) - images.float()).abs().mean())
         assert err < 0.03, err
+        return  # the repeatability checks below are dtype-independent: run in fp32 only
 
     # generator makes runs repeatable (here through the default PIL output, whatever the global RNG); another
     # seed changes the latents and so the images

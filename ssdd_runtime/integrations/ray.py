@@ -46,6 +46,7 @@ from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, list_
 from ssdd_runtime.io import (IMAGE_SUFFIXES, adm_center_crop, center_crop, confined_path,
                              pil_to_tensor, same_shape_batches, scan_folder, tensor_to_pil, unique_names,
                              write_bytes_atomic, write_text_atomic)
+from ssdd_runtime.checks import check_sampler_args
 from ssdd_runtime.sampler import T_POW_SHIFT, seeded_noise
 
 log = logging.getLogger(__name__)
@@ -243,18 +244,40 @@ def _decode_image(data: bytes, stride: int, resolution: int | None) -> torch.Ten
 # Workers (plain classes: Ray Data runs one instance per actor)
 
 
-def _load_model(source, filename, revision, dtype, num_gpus: float, num_threads: int):
+def _load_model(source, filename, revision, dtype, num_gpus: float, num_threads: int, backend: str = "torch"):
     from ssdd_runtime.api import SSDD
 
     torch.set_num_threads(num_threads)  # the actor's CPU share; torch would otherwise pick 1 under Ray
+    if backend != "torch":  # OpenVINO on the CPU, with as many threads as the actor has CPUs
+        model = SSDD.from_pretrained(source, filename, revision=revision, device="cpu")
+        return model.to_backend(backend, precision=dtype, threads=num_threads)
     device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     return SSDD.from_pretrained(source, filename, revision=revision, dtype=dtype, device=device)
 
 
+def _check_backend(backend: str, dtype: str, num_gpus_per_actor: float | None) -> float | None:
+    """Before Ray starts: a known backend and a precision it runs; OpenVINO actors take no GPU. Returns the
+    GPUs per actor to use (0 for OpenVINO)."""
+    from ssdd_runtime.api import _check_backend as check, as_dtype
+
+    if check(backend) == "torch":
+        return num_gpus_per_actor
+    import importlib.util
+
+    from ssdd_runtime.export.openvino import OPENVINO_HINT, check_precision
+
+    check_precision(as_dtype(dtype))
+    if importlib.util.find_spec("openvino") is None:  # not imported here: only the actors load OpenVINO
+        raise ImportError(f"backend 'openvino' needs the `openvino` package: {OPENVINO_HINT}")
+    if num_gpus_per_actor:
+        raise ValueError(f"backend {backend!r} runs on the CPU; got num_gpus_per_actor={num_gpus_per_actor}")
+    return 0.0
+
+
 class _EncodeActor:
     def __init__(self, source, filename, revision, dtype, num_gpus, num_threads, image_column, resolution, flip,
-                 store):
-        self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads)
+                 store, backend="torch"):
+        self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads, backend)
         self.source = _ImageSource(image_column)
         self.resolution, self.flip, self.store = resolution, flip, store
         self.fields = fields_for(flip, store)
@@ -301,8 +324,9 @@ def fields_for(flip: bool, store: str) -> list[str]:
 
 
 class _DecodeActor:
-    def __init__(self, source, filename, revision, dtype, num_gpus, num_threads, steps, t_pow_shift, seed):
-        self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads)
+    def __init__(self, source, filename, revision, dtype, num_gpus, num_threads, steps, t_pow_shift, seed,
+                 backend="torch"):
+        self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads, backend)
         self.steps, self.t_pow_shift, self.seed = steps, t_pow_shift, seed
         self.cached: tuple | None = None  # (shard path, {key: latent})
 
@@ -435,7 +459,8 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
              resolution: int | None = None, flip: bool = False, store: str = "mode", labels: str = "none",
              concurrency: int | None = None, num_gpus_per_actor: float | None = None,
              num_cpus_per_actor: float | None = None, dtype: str = "fp32", image_column: str = "image",
-             key_column: str | None = None, address: str | None = None, num_cpus: int | None = None) -> Report:
+             key_column: str | None = None, address: str | None = None, num_cpus: int | None = None,
+             backend: str = "torch") -> Report:
     """Encode every input image and write training-ready shards to output_dir (module docstring and
     `ssdd_runtime.data` for the format).
 
@@ -450,6 +475,7 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     fields = fields_for(flip, store)
+    num_gpus_per_actor = _check_backend(backend, dtype, num_gpus_per_actor)
     out = Path(output_dir)
     ckpt_path, ckpt_id, encoder, stride, channels = _resolve(checkpoint, filename, revision)
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
@@ -499,7 +525,7 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
     local = Path(str(checkpoint)).exists()
     ctor = dict(source=str(ckpt_path) if local else str(checkpoint), filename=None if local else filename,
                 revision=revision, dtype=dtype, image_column=image_column, resolution=resolution, flip=flip,
-                store=store)
+                store=store, backend=backend)
     ds = _map(_items_dataset(ray, rows, batch_size), ray, _EncodeActor, ctor, batch_size, pool)
 
     item_of = {it.key: (s, j, it) for s in pending for j, it in enumerate(shards[s][1])}
@@ -569,11 +595,14 @@ def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                filename: str | None = None, revision: str | None = None, steps: int = 1,
                t_pow_shift: float = T_POW_SHIFT, seed: int = 0, batch_size: int = 8, concurrency: int | None = None,
                num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
-               dtype: str = "fp32", address: str | None = None, num_cpus: int | None = None) -> Report:
+               dtype: str = "fp32", address: str | None = None, num_cpus: int | None = None,
+               backend: str = "torch") -> Report:
     """Decode every `latent` of the shards in latents_dir to `<output_dir>/<key>.png` (image suffix replaced;
     names confined to output_dir, colliding names made unique with -1, -2, ... in key order). PNGs that already
     exist are skipped (resumable). Every image's start noise comes from `torch.Generator().manual_seed(seed)`,
     so an image depends only on its latent, the seed and the steps."""
+    check_sampler_args(steps, t_pow_shift, None)
+    num_gpus_per_actor = _check_backend(backend, dtype, num_gpus_per_actor)
     out = Path(output_dir)
     _, ckpt_id, *_ = _resolve(checkpoint, filename, revision)
     report = Report(str(out), checkpoint=ckpt_id)
@@ -602,7 +631,7 @@ def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     ray = _start_ray(address, num_cpus)
     pool = _pool(ray, num_gpus_per_actor, num_cpus_per_actor, concurrency)
     ctor = dict(source=str(checkpoint), filename=filename, revision=revision, dtype=dtype, steps=steps,
-                t_pow_shift=t_pow_shift, seed=seed)
+                t_pow_shift=t_pow_shift, seed=seed, backend=backend)
     ds = _map(_items_dataset(ray, items, batch_size), ray, _DecodeActor, ctor, batch_size, pool)
     dest_of = {it["key"]: Path(it["png_name"]) for it in items}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
