@@ -216,7 +216,8 @@ def ratios(results: list[dict]) -> list[dict]:
 
 # -- achieved FLOP rate against the CPU's peak ----------------------------------------------------------------
 
-PEAK_FORMULA = ("peak GFLOP/s = cores x 2 FMA pipes x 16 fp32 lanes (512-bit AVX-512) x 2 flop per FMA x clock GHz; "
+PEAK_FORMULA = ("peak GFLOP/s = cores x 2 FMA pipes x fp32 lanes (16 with AVX-512, 8 with AVX2+FMA) x 2 flop per FMA "
+                "x clock GHz; "
                 "bf16 peak = 2 x that where the CPU has avx512_bf16 (VDPBF16PS: 2 bf16 products per fp32 lane); "
                 "cores = min(threads used, physical cores); clock = lscpu 'CPU max MHz' if reported, else the "
                 "/proc/cpuinfo 'cpu MHz' (nominal: boost clocks above it make the fraction an upper bound)")
@@ -255,11 +256,12 @@ def cpu_peak(threads: int, info: dict) -> dict:
     mhz = info.get("cpu_max_mhz") or info.get("cpuinfo_mhz")
     cores = min(threads, info.get("physical_cores") or threads)
     flags = set(info.get("flags") or [])
-    if mhz is None or "avx512f" not in flags:
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else None
+    if mhz is None or lanes is None:
         return {"formula": PEAK_FORMULA, "fp32_gflops": None, "bf16_gflops": None,
-                "note": "no clock reading or no AVX-512: peak not computed"}
-    fp32 = cores * 2 * 16 * 2 * mhz / 1000
-    return {"formula": PEAK_FORMULA, "cores": cores, "clock_ghz": mhz / 1000,
+                "note": "no clock reading or neither AVX-512 nor AVX2+FMA: peak not computed"}
+    fp32 = cores * 2 * lanes * 2 * mhz / 1000
+    return {"formula": PEAK_FORMULA, "cores": cores, "clock_ghz": mhz / 1000, "fp32_lanes": lanes,
             "clock_source": "lscpu CPU max MHz" if info.get("cpu_max_mhz") else "/proc/cpuinfo cpu MHz",
             "fp32_gflops": fp32, "bf16_gflops": 2 * fp32 if "avx512_bf16" in flags else fp32}
 

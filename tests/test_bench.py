@@ -372,6 +372,9 @@ def test_cpu_peak_formula():
     assert peak["fp32_gflops"] == pytest.approx(2 * 2 * 16 * 2 * 2.5) and peak["bf16_gflops"] == 2 * peak["fp32_gflops"]
     assert cpu_peak(1, {**info, "cpu_max_mhz": 3500.0})["fp32_gflops"] == pytest.approx(2 * 16 * 2 * 3.5)
     assert cpu_peak(2, {**info, "flags": ["avx512f"]})["bf16_gflops"] == peak["fp32_gflops"]
+    avx2 = cpu_peak(2, {**info, "flags": ["avx2", "fma"]})  # 256-bit: 8 fp32 lanes, no bf16 dot products
+    assert avx2["fp32_gflops"] == pytest.approx(2 * 2 * 8 * 2 * 2.5) and avx2["bf16_gflops"] == avx2["fp32_gflops"]
+    assert cpu_peak(2, {**info, "flags": ["sse4_2"]})["fp32_gflops"] is None
     assert "cores x 2 FMA" in peak["formula"]
 
 
