@@ -20,13 +20,13 @@ from ssdd_runtime.kernels import attention
 ROOT = Path(__file__).resolve().parent.parent
 
 # torch attribute paths known to exist in torch 2.11 (the lent machine: torch 2.11, triton 3.6, Python 3.12). All
-# are older than 2.5 except none; the newest are torch.library.custom_op (2.4; its `.register_fake` method too)
-# and torch.compile (2.0). `torch.utils.collect_env.get_env_info()` fields read: cpu_info, python_platform, os,
+# are older than 2.5 except torch.compiler.is_exporting (2.6: pytorch/pytorch#142425, in the 2.7 API docs); the
+# others' newest are torch.library.custom_op (2.4; its `.register_fake` method too) and torch.compile (2.0). `torch.utils.collect_env.get_env_info()` fields read: cpu_info, python_platform, os,
 # nvidia_driver_version (all present since torch 2.1). Add a path here only after checking it in torch 2.11.
 TORCH_2_11_API = frozenset("""
 torch torch.Generator torch.Size torch.Tensor torch.__version__ torch.addcmul torch.arange
 torch.backends.cuda.matmul.allow_tf32 torch.backends.cudnn.allow_tf32 torch.backends.cudnn.version torch.bfloat16
-torch.cat torch.channels_last torch.compile torch.cos torch.cuda.CUDAGraph torch.cuda.Event torch.cuda.Stream
+torch.cat torch.channels_last torch.compile torch.compiler.is_exporting torch.cos torch.cuda.CUDAGraph torch.cuda.Event torch.cuda.Stream
 torch.cuda.current_stream torch.cuda.empty_cache torch.cuda.get_device_name torch.cuda.graph torch.cuda.is_available
 torch.cuda.max_memory_allocated torch.cuda.memory_allocated torch.cuda.reset_peak_memory_stats torch.cuda.stream
 torch.cuda.synchronize torch.device torch.dtype torch.contiguous_format torch.empty torch.empty_like torch.empty_strided torch.exp torch.float16 torch.float32
