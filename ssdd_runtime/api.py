@@ -75,13 +75,10 @@ class SSDD(SSDDModule):
         Decoder-only files (the SDVAE decoders) load as decode-only models, or paired with an external encoder:
         `encoder="sdvae"` loads diffusers' `stabilityai/sd-vae-ft-mse` (with this call's `cache_dir` and
         `local_files_only`); for another folder, Hub id or revision pass `ssdd_runtime.sdvae.load_encoder(...)`."""
-        if _check_backend(backend) != "torch":  # fp32 weights on the CPU; the backend takes the precision
-            if device is not None and torch.device(device).type != "cpu":
-                raise ValueError(f"backend={backend!r} runs on the CPU; got device={device!r}")
-            precision = as_dtype(dtype)
-            from ssdd_runtime.export.openvino import check_precision
-
-            check_precision(precision)  # fp16 fails here, before any download
+        on_gpu = (_check_backend(backend) != "torch" and device is not None  # a bad device: check_device below
+                  and torch.device(device).type != "cpu")
+        precision = check_backend(backend, dtype, gpu=f"device={device!r}" if on_gpu else None)
+        if backend != "torch":  # fp32 weights on the CPU; the backend takes the precision (fp16 failed above)
             model = cls.from_pretrained(source, filename, revision=revision, encoder=encoder, decoder=decoder,
                                         local_files_only=local_files_only, cache_dir=cache_dir, use_triton=False)
             return model.to_backend(backend, precision=precision)
@@ -295,3 +292,18 @@ def _check_backend(name) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
+
+
+def check_backend(backend: str, dtype, *, gpu: str | None = None):
+    """Before any weights load or work starts: a known backend and, off torch, a precision it runs on the CPU
+    (gpu: how the caller asked for a GPU, e.g. "device='cuda'", refused). Returns the backend's precision (a
+    torch dtype), None for torch."""
+    if _check_backend(backend) == "torch":
+        return None
+    if gpu:
+        raise ValueError(f"backend={backend!r} runs on the CPU; got {gpu}")
+    from ssdd_runtime.export.openvino import check_precision
+
+    precision = as_dtype(dtype)
+    check_precision(precision)
+    return precision

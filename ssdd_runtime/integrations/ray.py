@@ -41,12 +41,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from ssdd_runtime.checks import check_sampler_args
 from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, list_shards, read_shard, shard_path,
                                write_shard)
 from ssdd_runtime.io import (IMAGE_SUFFIXES, adm_center_crop, center_crop, confined_path,
                              pil_to_tensor, same_shape_batches, scan_folder, tensor_to_pil, unique_names,
                              write_bytes_atomic, write_text_atomic)
-from ssdd_runtime.checks import check_sampler_args
 from ssdd_runtime.sampler import T_POW_SHIFT, seeded_noise
 
 log = logging.getLogger(__name__)
@@ -256,21 +256,19 @@ def _load_model(source, filename, revision, dtype, num_gpus: float, num_threads:
 
 
 def _check_backend(backend: str, dtype: str, num_gpus_per_actor: float | None) -> float | None:
-    """Before Ray starts: a known backend and a precision it runs; OpenVINO actors take no GPU. Returns the
-    GPUs per actor to use (0 for OpenVINO)."""
-    from ssdd_runtime.api import _check_backend as check, as_dtype
-
-    if check(backend) == "torch":
-        return num_gpus_per_actor
+    """Before Ray starts (api.check_backend, and openvino installed without importing it here: only the actors
+    load it). Returns the GPUs per actor to use: 0 for OpenVINO."""
     import importlib.util
 
-    from ssdd_runtime.export.openvino import OPENVINO_HINT, check_precision
+    from ssdd_runtime.api import check_backend
 
-    check_precision(as_dtype(dtype))
-    if importlib.util.find_spec("openvino") is None:  # not imported here: only the actors load OpenVINO
+    gpu = f"num_gpus_per_actor={num_gpus_per_actor}" if num_gpus_per_actor else None
+    if check_backend(backend, dtype, gpu=gpu) is None:
+        return num_gpus_per_actor
+    if importlib.util.find_spec("openvino") is None:
+        from ssdd_runtime.export.openvino import OPENVINO_HINT
+
         raise ImportError(f"backend 'openvino' needs the `openvino` package: {OPENVINO_HINT}")
-    if num_gpus_per_actor:
-        raise ValueError(f"backend {backend!r} runs on the CPU; got num_gpus_per_actor={num_gpus_per_actor}")
     return 0.0
 
 
