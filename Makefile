@@ -19,10 +19,15 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ssdd bench --quick
 
-# Two processes: OpenVINO's native threads make a later fork in the same process crash (tests/conftest.py).
+# Two runs: OpenVINO's native threads make a later fork in the same process crash (tests/conftest.py).
+# Each run uses JOBS pytest-xdist workers, one test file per worker (module fixtures such as the ONNX exports
+# are built once): most of the suite is single-threaded Python (tracing, exporting, compiling), so two workers
+# fill two cores. JOBS=0 runs in this process, without xdist.
+JOBS ?= 2
+XDIST = $(if $(filter 0,$(JOBS)),-p no:xdist,-n $(JOBS) --dist loadfile)
 test: install
-	$(PY) -m pytest -q tests -m "not openvino"
-	$(PY) -m pytest -q tests -m openvino
+	$(PY) -m pytest -q tests -m "not openvino" $(XDIST)
+	$(PY) -m pytest -q tests -m openvino $(XDIST)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

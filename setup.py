@@ -22,7 +22,7 @@ EXTRAS = {
     "triton": ["triton>=3.0"],
     "diffusers": ["diffusers>=0.30"],
     "ray": ["ray[data]>=2.10", "pyarrow>=14"],
-    "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
+    "test": ["pytest>=7", "pytest-xdist>=3", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
              "ray[data]>=2.10", "tritonclient[grpc]>=2.40", "matplotlib>=3.7", "protobuf>=4",
              "openvino>=2024.4", "datasets>=2.19", "accelerate>=0.31"],
 }
