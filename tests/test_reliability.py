@@ -33,7 +33,10 @@ PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # (RLIMIT_FSIZE: Python ignores SIGXFSZ, so writes beyond it fail with EFBIG, like a full disk). With $SSDD_AUDIT
 # set, an audit hook logs every file opened for writing and every rename there, one JSON line per event.
 DRIVER = r"""
-import contextlib, io, json, os, resource, sys, traceback
+import contextlib, io, json, os, resource, signal, sys, traceback
+# as in an interactive shell, whatever this test process inherited: a shell that starts pytest in the background
+# without job control leaves SIGINT ignored, and Python then never raises KeyboardInterrupt for it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if os.environ.get("SSDD_AUDIT"):
     log = open(os.environ["SSDD_AUDIT"], "a", buffering=1)
     def hook(event, args):
@@ -344,6 +347,7 @@ def test_interrupted_decode_leaves_only_complete_files(ws, tmp_path):
         while time.time() < deadline and proc.poll() is None and not any(
                 e[0] == "rename" and e[2].endswith(".png") for e in _events(audit)):
             time.sleep(0.02)
+        assert proc.poll() is None, f"the decode ended before it could be sent {sig.name}"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 128 + sig, (sig, err)
