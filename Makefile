@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.7.1
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test install docs clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,9 @@ test: install
 	$(PY) -m pytest -q tests -m "not openvino" $(XDIST)
 	$(PY) -m pytest -q tests -m openvino $(XDIST)
 
+# The documentation site (docs/, mkdocs.yml) on 127.0.0.1:8000; `make test` builds it with --strict.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -22,10 +22,13 @@ EXTRAS = {
     "triton": ["triton>=3.0"],
     "diffusers": ["diffusers>=0.30"],
     "ray": ["ray[data]>=2.10", "pyarrow>=14"],
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "markdown-exec>=1.9",
+             "mktestdocs>=0.2.4", "ruff"],
     "test": ["pytest>=7", "pytest-xdist>=3", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
              "ray[data]>=2.10", "tritonclient[grpc]>=2.40", "matplotlib>=3.7", "protobuf>=4",
              "openvino>=2024.4", "datasets>=2.19", "accelerate>=0.31"],
 }
+EXTRAS["test"] += EXTRAS["docs"]  # the suite builds the docs site and runs its examples
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "tensorrt" for req in reqs})
 
 setup(

@@ -1,13 +1,12 @@
 """Hub loading through the real huggingface_hub client against a local HTTP server (no network, no mocks)."""
-import hashlib
-import http.server
 import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
+
+from _local_hub import local_hub
 
 REPO = "facebook/SSDD"
 COMMITS = {"main": "a" * 40, "v1": "b" * 40}
@@ -19,45 +18,8 @@ def hub(make_checkpoint):
     files = {("main", "F8C4/F8C4_S_256.safetensors"): make_checkpoint("f8c4", "S", 0).read_bytes(),
              ("v1", "F8C4/F8C4_S_256.safetensors"): make_checkpoint("f8c4", "S", 1).read_bytes()}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _resolve(self):
-            prefix = f"/{REPO}/resolve/"
-            if not self.path.startswith(prefix):
-                return self._error(404, "RepoNotFound")
-            revision, _, filename = self.path[len(prefix):].partition("/")
-            if revision not in COMMITS:
-                return self._error(404, "RevisionNotFound")
-            data = files.get((revision, filename))
-            if data is None:
-                return self._error(404, "EntryNotFound")
-            self.send_response(200)
-            self.send_header("X-Repo-Commit", COMMITS[revision])
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            return data
-
-        def _error(self, code, kind):
-            self.send_response(code)
-            self.send_header("X-Error-Code", kind)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_HEAD(self):
-            self._resolve()
-
-        def do_GET(self):
-            data = self._resolve()
-            if data:
-                self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_hub(files, COMMITS, REPO) as endpoint:
+        yield endpoint
 
 
 def run(code, **env):
