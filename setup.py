@@ -22,11 +22,14 @@ EXTRAS = {
     "triton": ["triton>=3.0"],
     "diffusers": ["diffusers>=0.30"],
     "ray": ["ray[data]>=2.10", "pyarrow>=14"],
+    # nvidia-pytriton 0.7 bundles tritonserver 2.51 (Python backend, CPU); it pins numpy<2, which only its own
+    # Python side needs (ssdd serve runs the bundled server, not PyTriton): the Makefile installs it --no-deps.
+    "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50"],
     "test": ["pytest>=7", "pytest-xdist>=3", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
              "ray[data]>=2.10", "tritonclient[grpc]>=2.40", "matplotlib>=3.7", "protobuf>=4",
              "openvino>=2024.4", "datasets>=2.19", "accelerate>=0.31"],
 }
-EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "tensorrt" for req in reqs})
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("tensorrt", "serve") for req in reqs})
 
 setup(
     name="ssdd-runtime",

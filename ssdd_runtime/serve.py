@@ -61,11 +61,13 @@ SHM_PREFIX = "ssdd_serve_"  # Python-backend shared-memory regions: /dev/shm/<pr
 
 def tritonserver_dist() -> Path:
     """The `tritonserver` folder inside the installed nvidia-pytriton package (bin/, backends/python/, stubs)."""
-    try:
-        import pytriton
-    except ImportError as e:
-        raise ImportError(f"serving needs the nvidia-pytriton package (it bundles tritonserver): {SERVE_HINT}") from e
-    dist = Path(pytriton.__file__).parent / "tritonserver"
+    import importlib.util
+
+    # Located, not imported: only the bundled server is used, so PyTriton's own dependencies are not needed.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"serving needs the nvidia-pytriton package (it bundles tritonserver): {SERVE_HINT}")
+    dist = Path(spec.origin).parent / "tritonserver"
     if not (dist / "bin" / "tritonserver").is_file():
         raise FileNotFoundError(f"{dist}/bin/tritonserver not found: reinstall nvidia-pytriton ({SERVE_HINT})")
     return dist
@@ -85,13 +87,11 @@ def server_env() -> dict[str, str]:
     goes first in LD_LIBRARY_PATH (else the system libpython loads: "'_thread.RLock' object has no attribute
     '_recursion_count'"), then the wheel's bundled libraries. The stub finds its sys.prefix by searching PATH
     for `python3`: this interpreter's bin folder goes first, so a virtualenv's packages (and .pth files) load."""
-    import pytriton
-
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         raise RuntimeError(f"the Triton Python backend needs a shared libpython; {sys.executable} is built "
                            "without one (e.g. pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)")
     env = os.environ.copy()
-    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    libs = tritonserver_dist().parent.parent / "nvidia_pytriton.libs"  # the wheel's bundled shared libraries
     paths = [sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
@@ -422,6 +422,7 @@ class TritonPythonModel:
 
     def _decode(self, request) -> dict:
         from ssdd_runtime.checks import _check_finite
+        from ssdd_runtime.io import tensor_to_uint8
 
         z = self._input(request, "latent")
         B, _, h, w = z.shape
@@ -450,8 +451,7 @@ class TritonPythonModel:
                 raise FloatingPointError("the decoded image has non-finite values")
             images.append(image.float().cpu())
         image = torch.cat(images)
-        uint8 = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-        return {"image": image, "image_uint8": uint8}
+        return {"image": image, "image_uint8": torch.from_numpy(np.ascontiguousarray(tensor_to_uint8(image)))}
 
     def _encode(self, request) -> dict:
         from ssdd_runtime.checks import _check_finite
