@@ -92,7 +92,7 @@ def run(*, latent: int, requests: int, clients: int, rounds: int, threads: int) 
         repo = Path(tmp) / "repo"
         write_serve_repo(repo, checkpoint=ckpt, threads=threads, max_batch=clients, max_queue_delay_us=1000)
         t0 = time.perf_counter()
-        with TritonServer(repo) as server:
+        with TritonServer(repo, log_path=Path(tmp) / "tritonserver.log") as server:
             start_s = time.perf_counter() - t0
             with Client(server.http_url) as c:  # warm-up
                 c.decode(latents[0], seeds=[0])

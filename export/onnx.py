@@ -249,26 +249,34 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
 # P = 2^31 - 1; x -> x^5 is a bijection mod P because gcd(5, P - 1) = 1) keyed by the request's seed, then
 # Box-Muller. Element n of an item's noise depends only on (seed, n, the image shape): batching, grouping and
 # order never change it. Integer products stay below 2^62 (int64 everywhere, no bitwise ops: the TensorRT
-# parser's list has none for integers). `graph_noise_ref` is the numerics spec, the graph computes the same.
+# parser's list has none for integers). ln and cos are polynomials in IEEE-exact ops (Add, Mul, Div, Sqrt):
+# ONNX Runtime's vectorised Log/Cos round differently by position in the buffer (seen: 1 ulp between two
+# items with the same seed), which would make an item's noise depend on its batch. `graph_noise_ref` is the
+# numerics spec; the graph computes the same operations in the same order.
 NOISE_P = 2**31 - 1
 NOISE_ROUNDS = 6
-NOISE_RNG = "ssdd-mimc5-p31-r6/1"  # metadata ssdd.noise_rng: names this generator (change it if it changes)
+NOISE_RNG = "ssdd-mimc5-p31-r6-poly/1"  # metadata ssdd.noise_rng: names this generator (change it if it changes)
 NOISE_KEYS = [((0x9E3779B9 * (3 * r + 1)) % NOISE_P, (0x85EBCA6B * (3 * r + 2)) % NOISE_P,
                (0xC2B2AE35 * (3 * r + 3)) % NOISE_P) for r in range(NOISE_ROUNDS)]  # (a_r, b_r, c_r)
+LN_TERMS = [1.0 / (2 * k + 1) for k in range(8)]  # ln m = 2 s sum_k s^2k / (2k + 1), s = (m-1)/(m+1) < 1/3
+COS_TERMS = [(-1) ** n / math.factorial(2 * n) for n in range(12)]  # cos y on [-pi, pi], error < 4e-9
 
 
 def graph_noise_ref(seeds, shape):
     """numpy reference of the noise a noise="graph" decoder draws: (B, *shape) float32 for int64 seeds (B,).
-    Round key k_r = (lo * a_r mod P + hi * b_r mod P + c_r) mod P with lo = seed mod P (non-negative) and
-    hi = trunc(seed / P) mod P; counters n = 0 .. 2N-1 (N = prod(shape)); x = n, then per round
-    x = (x + k_r)^5 mod P; q = x // 128 (24 bits); u = (q + 0.5) / 2^24; noise = sqrt(-2 ln u[:N]) cos(2 pi u[N:])."""
+
+    Keys: lo = seed mod P (>= 0), hi = trunc(seed / P) mod P, k_r = (lo a_r mod P + hi b_r mod P + c_r) mod P.
+    Counters n = 0 .. 2N-1 (N = prod(shape)): x = n, then per round x = (x + k_r)^5 mod P; v = 2 (x // 256) + 1
+    (odd, < 2^24, exact in float32). u1 = v / 2^24 from the first N counters: ln u1 = ln m + (e - 24) ln 2 with
+    v = m 2^e, m in [1, 2), e by binary search; u2 from the last N: cos(2 pi u2) = -cos(2 pi (v / 2^24 - 1/2)).
+    noise = sqrt(-2 ln u1) cos(2 pi u2)."""
     import numpy as np
 
+    f32 = np.float32
     seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 1)
     P = np.int64(NOISE_P)
     lo = np.mod(seeds, P)
-    q = np.floor_divide(seeds, P)
-    hi = np.mod(q + ((seeds < 0) & (lo != 0)), P)  # ONNX integer Div truncates toward zero
+    hi = np.mod(np.floor_divide(seeds, P) + ((seeds < 0) & (lo != 0)), P)  # ONNX integer Div truncates
     N = int(np.prod(shape))
     x = np.arange(2 * N, dtype=np.int64).reshape(1, -1)
     for a, b, c in NOISE_KEYS:
@@ -276,9 +284,26 @@ def graph_noise_ref(seeds, shape):
         x = np.mod(x + k, P)
         x2 = np.mod(x * x, P)
         x = np.mod(np.mod(x2 * x2, P) * x, P)
-    u = ((x // 128).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
-    n = np.sqrt(np.float32(-2.0) * np.log(u[:, :N])) * np.cos(np.float32(2 * math.pi) * u[:, N:])
-    return n.reshape(len(seeds), *shape).astype(np.float32)
+    v = (x // 256) * 2 + 1
+    v1, v2 = v[:, :N], v[:, N:]
+    pow2 = np.asarray([2**i for i in range(32)], dtype=np.int64)
+    e = np.zeros_like(v1)
+    for step in (16, 8, 4, 2, 1):
+        e = e + step * (v1 >= pow2[e + step]).astype(np.int64)
+    m = v1.astype(f32) / pow2.astype(f32)[e]
+    s = (m - f32(1)) / (m + f32(1))
+    w = s * s
+    poly = np.full_like(w, f32(LN_TERMS[-1]))
+    for c in LN_TERMS[-2::-1]:
+        poly = poly * w + f32(c)
+    ln_u = (s * poly) * f32(2) + (e.astype(f32) + f32(-24)) * f32(math.log(2))
+    radius = np.sqrt(ln_u * f32(-2))
+    y = (v2.astype(f32) * f32(2.0 ** -24) + f32(-0.5)) * f32(2 * math.pi)
+    y2 = y * y
+    cos = np.full_like(y2, f32(COS_TERMS[-1]))
+    for c in COS_TERMS[-2::-1]:
+        cos = cos * y2 + f32(c)
+    return ((radius * cos) * f32(-1)).reshape(len(seeds), *shape)
 
 
 def _draw_noise_in_graph(proto, *, stride: int) -> None:
@@ -293,52 +318,72 @@ def _draw_noise_in_graph(proto, *, stride: int) -> None:
     latent = next(v for v in graph.input if v.name == "latent_sample")
     batch = latent.type.tensor_type.shape.dim[0]
     graph.input.remove(noise_in)
-    seed_in = helper.make_tensor_value_info("seed", TensorProto.INT64, [batch.dim_param or batch.dim_value, 1])
-    graph.input.append(seed_in)
-
-    def const(name, values, dims=None, dtype=TensorProto.INT64):
-        graph.initializer.append(helper.make_tensor(name, dtype, [len(values)] if dims is None else dims, values))
-        return name
-
-    P = const("ssdd_noise_P", [NOISE_P], [])
+    graph.input.append(helper.make_tensor_value_info("seed", TensorProto.INT64,
+                                                     [batch.dim_param or batch.dim_value, 1]))
     nodes = []
+
+    def const(name, values, dtype=TensorProto.INT64, dims=()):
+        values = values if isinstance(values, list) else [values]
+        graph.initializer.append(helper.make_tensor(f"ssdd_noise_{name}", dtype, list(dims), values))
+        return f"ssdd_noise_{name}"
+
+    def fconst(name, value):
+        return const(name, float(value), TensorProto.FLOAT)
 
     def op(kind, inputs, name, **attrs):
         out = f"ssdd_noise_{name}"
         nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
         return out
 
+    P = const("P", NOISE_P)
     shape = op("Shape", [latent.name], "latent_shape")
-    img = op("Add", [op("Mul", [shape, const("ssdd_noise_scale", [1, 0, stride, stride])], "shape_mul"),
-                     const("ssdd_noise_offset", [0, 3, 0, 0])], "image_shape")  # (B, 3, H, W)
-    per_item = op("Slice", [img, const("ssdd_noise_1", [1]), const("ssdd_noise_4", [4])], "item_shape")
+    img = op("Add", [op("Mul", [shape, const("scale", [1, 0, stride, stride], dims=[4])], "shape_mul"),
+                     const("offset", [0, 3, 0, 0], dims=[4])], "image_shape")  # (B, 3, H, W)
+    per_item = op("Slice", [img, const("one_1d", [1], dims=[1]), const("four_1d", [4], dims=[1])], "item_shape")
     n = op("ReduceProd", [per_item], "n", keepdims=1)  # (1,) = 3 H W
-    two_n = op("Mul", [n, const("ssdd_noise_2", [2])], "two_n")
-    zero, one = const("ssdd_noise_zero", [0], []), const("ssdd_noise_one", [1], [])
-    counters = op("Range", [zero, op("Squeeze", [two_n], "two_n_scalar"), one], "range")
-    x = op("Unsqueeze", [counters, const("ssdd_noise_axis0", [0])], "counters")  # (1, 2N)
-    lo = op("Mod", ["seed", P], "seed_lo")  # (B, 1), sign of the divisor: >= 0
+    two_n = op("Squeeze", [op("Mul", [n, const("two", 2)], "two_n")], "two_n_scalar")
+    counters = op("Range", [const("zero", 0), two_n, const("one", 1)], "range")
+    x = op("Unsqueeze", [counters, const("axis0", [0], dims=[1])], "counters")  # (1, 2N)
+    lo = op("Mod", ["seed", P], "seed_lo")  # (B, 1); integer Mod takes the divisor's sign: >= 0
     hi = op("Mod", [op("Div", ["seed", P], "seed_div"), P], "seed_hi")
     for r, (a, b, c) in enumerate(NOISE_KEYS):
-        ka = op("Mod", [op("Mul", [lo, const(f"ssdd_noise_a{r}", [a], [])], f"lo_a{r}"), P], f"ka{r}")
-        kb = op("Mod", [op("Mul", [hi, const(f"ssdd_noise_b{r}", [b], [])], f"hi_b{r}"), P], f"kb{r}")
-        k = op("Mod", [op("Add", [op("Add", [ka, kb], f"kab{r}"), const(f"ssdd_noise_c{r}", [c], [])], f"kabc{r}"),
-                       P], f"k{r}")
+        ka = op("Mod", [op("Mul", [lo, const(f"a{r}", a)], f"lo_a{r}"), P], f"ka{r}")
+        kb = op("Mod", [op("Mul", [hi, const(f"b{r}", b)], f"hi_b{r}"), P], f"kb{r}")
+        k = op("Mod", [op("Add", [op("Add", [ka, kb], f"kab{r}"), const(f"c{r}", c)], f"kabc{r}"), P], f"k{r}")
         x = op("Mod", [op("Add", [x, k], f"xk{r}"), P], f"x{r}")  # (B, 2N)
         x2 = op("Mod", [op("Mul", [x, x], f"sq{r}"), P], f"x2_{r}")
         x4 = op("Mod", [op("Mul", [x2, x2], f"sq2{r}"), P], f"x4_{r}")
         x = op("Mod", [op("Mul", [x4, x], f"p5{r}"), P], f"x5_{r}")
-    q = op("Cast", [op("Div", [x, const("ssdd_noise_128", [128], [])], "q24")], "q24f", to=TensorProto.FLOAT)
-    u = op("Mul", [op("Add", [q, const("ssdd_noise_half", [0.5], [], TensorProto.FLOAT)], "q_half"),
-                   const("ssdd_noise_inv24", [2.0 ** -24], [], TensorProto.FLOAT)], "u")  # (0, 1)
-    nn_ = op("Concat", [n, n], "split_sizes", axis=0)
-    nodes.append(helper.make_node("Split", [u, nn_], ["ssdd_noise_u1", "ssdd_noise_u2"], name="ssdd_noise_split",
-                                  axis=1))
-    radius = op("Sqrt", [op("Mul", [op("Log", ["ssdd_noise_u1"], "log_u1"),
-                                    const("ssdd_noise_m2", [-2.0], [], TensorProto.FLOAT)], "m2log")], "radius")
-    angle = op("Cos", [op("Mul", ["ssdd_noise_u2", const("ssdd_noise_2pi", [2 * math.pi], [], TensorProto.FLOAT)],
-                          "angle")], "cos")
-    flat = op("Mul", [radius, angle], "flat")  # (B, N)
+    v = op("Add", [op("Mul", [op("Div", [x, const("256", 256)], "q"), const("2", 2)], "q2"), const("1", 1)], "v")
+    nodes.append(helper.make_node("Split", [v, op("Concat", [n, n], "split_sizes", axis=0)],
+                                  ["ssdd_noise_v1", "ssdd_noise_v2"], name="ssdd_noise_split", axis=1))
+    v1, v2 = "ssdd_noise_v1", "ssdd_noise_v2"
+    # ln u1: e = floor(log2 v1) by binary search over a table of powers of two, m = v1 / 2^e in [1, 2)
+    pow2 = const("pow2", [2**i for i in range(32)], dims=[32])
+    e = op("Mul", [v1, const("zero_i", 0)], "e_init")
+    for step in (16, 8, 4, 2, 1):
+        bound = op("Gather", [pow2, op("Add", [e, const(f"s{step}", step)], f"e_plus{step}")], f"bound{step}")
+        hit = op("Cast", [op("GreaterOrEqual", [v1, bound], f"ge{step}")], f"hit{step}", to=TensorProto.INT64)
+        e = op("Add", [e, op("Mul", [hit, const(f"t{step}", step)], f"inc{step}")], f"e{step}")
+    pow2f = const("pow2f", [float(2**i) for i in range(32)], TensorProto.FLOAT, dims=[32])
+    m = op("Div", [op("Cast", [v1], "v1f", to=TensorProto.FLOAT), op("Gather", [pow2f, e], "two_e")], "m")
+    s = op("Div", [op("Add", [m, fconst("m1", -1)], "m_minus"), op("Add", [m, fconst("p1", 1)], "m_plus")], "s")
+    w = op("Mul", [s, s], "w")
+    poly = op("Mul", [w, fconst("ln_zero", 0.0)], "ln_p_init")  # zeros of w's shape, then Horner
+    for i, c in enumerate(reversed(LN_TERMS)):
+        poly = op("Add", [poly if i == 0 else op("Mul", [poly, w], f"ln_pw{i}"), fconst(f"ln_c{i}", c)], f"ln_p{i}")
+    ln_u = op("Add", [op("Mul", [op("Mul", [s, poly], "s_poly"), fconst("f2", 2)], "ln_m"),
+                      op("Mul", [op("Add", [op("Cast", [e], "ef", to=TensorProto.FLOAT), fconst("m24", -24)],
+                                    "e_m24"), fconst("ln2", math.log(2))], "e_ln2")], "ln_u")
+    radius = op("Sqrt", [op("Mul", [ln_u, fconst("m2", -2)], "m2_ln_u")], "radius")
+    # cos(2 pi u2) = -cos(y), y = 2 pi (u2 - 1/2) in (-pi, pi)
+    y = op("Mul", [op("Add", [op("Mul", [op("Cast", [v2], "v2f", to=TensorProto.FLOAT), fconst("inv24", 2.0**-24)],
+                                 "u2"), fconst("mhalf", -0.5)], "t"), fconst("twopi", 2 * math.pi)], "y")
+    y2 = op("Mul", [y, y], "y2")
+    cos = op("Mul", [y2, fconst("cos_zero", 0.0)], "cos_init")
+    for i, c in enumerate(reversed(COS_TERMS)):
+        cos = op("Add", [cos if i == 0 else op("Mul", [cos, y2], f"cos_pw{i}"), fconst(f"cos_c{i}", c)], f"cos{i}")
+    flat = op("Mul", [op("Mul", [radius, cos], "r_cos"), fconst("neg", -1)], "flat")  # (B, N)
     nodes.append(helper.make_node("Reshape", [flat, img], ["noise"], name="ssdd_noise_reshape"))
     for i, node in enumerate(nodes):  # first in the graph: nodes stay topologically sorted
         graph.node.insert(i, node)

@@ -167,10 +167,10 @@ class TritonServer:
                 *self.extra_args]
 
     def start(self, *, timeout_s: float = 120.0) -> TritonServer:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        out = open(self.log_path, "ab") if self.log_path else None  # None: Triton's log goes to our stdout
         try:
-            self.proc = subprocess.Popen(self.command(), env=server_env(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.command(), env=server_env(), stdout=out,
+                                         stderr=None if out is None else subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             if self.log_path:
                 out.close()
@@ -406,9 +406,18 @@ class TritonPythonModel:
                     self.pb.Tensor.from_dlpack(k, torch.utils.dlpack.to_dlpack(v.contiguous()))
                     for k, v in outputs.items() if not wanted or k in wanted]))
             except (ValueError, TypeError, RuntimeError, MemoryError, FloatingPointError) as e:
-                text = " ".join(str(e).split()) or type(e).__name__
-                responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(f"{self.name}: {text}")))
+                text = f"{self.name}: " + (" ".join(str(e).split()) or type(e).__name__)
+                # bad input -> INVALID_ARG (HTTP 400); a fault while decoding -> INTERNAL (HTTP 500)
+                code = self.pb.TritonError.INVALID_ARG if isinstance(e, (ValueError, TypeError)) \
+                    else self.pb.TritonError.INTERNAL
+                responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(text, code)))
         return responses
+
+    def _required(self, request, name: str) -> torch.Tensor:
+        t = self._input(request, name)  # Triton lets a Python-backend request through without required inputs
+        if t is None:
+            raise ValueError(f"missing input {name!r}")
+        return t
 
     def _input(self, request, name: str) -> torch.Tensor | None:
         # DLPack, not as_numpy()/Tensor(numpy): the wheel's stub reads numpy 1.x array descriptors (its numpy<2
@@ -424,7 +433,7 @@ class TritonPythonModel:
         from ssdd_runtime.checks import _check_finite
         from ssdd_runtime.io import tensor_to_uint8
 
-        z = self._input(request, "latent")
+        z = self._required(request, "latent")
         B, _, h, w = z.shape
         self._check_size(h * self.stride, w * self.stride)
         _check_finite("latent", z)
@@ -456,7 +465,7 @@ class TritonPythonModel:
     def _encode(self, request) -> dict:
         from ssdd_runtime.checks import _check_finite
 
-        x = self._input(request, "image")
+        x = self._required(request, "image")
         B, _, H, W = x.shape
         self._check_size(H, W)
         if H % self.stride or W % self.stride:

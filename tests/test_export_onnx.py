@@ -199,8 +199,9 @@ def test_graph_noise_io_and_ops(graph_noise_onnx):
 
 
 def test_graph_noise_same_seed_same_image(graph_noise_onnx):
-    """The same seeds give the same noise and image in two fresh sessions and in later calls of one session
-    (non-square, batch 2); the noise is the numpy reference's and standard normal; another seed differs."""
+    """The same seeds give the same noise and image in two fresh sessions, in later calls of one session and
+    for two items of one batch (non-square, batch 2); the noise is the numpy reference's bit for bit and
+    standard normal; another seed gives other noise to its item only."""
     z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(3)).numpy()
     a, b = (eo.ort_session(graph_noise_onnx) for _ in range(2))
     feeds = {"latent_sample": z, "seed": seeds(7, 7)}
@@ -209,9 +210,9 @@ def test_graph_noise_same_seed_same_image(graph_noise_onnx):
     assert (na == nb).all() and (sa == sb).all() and (na[0] == na[1]).all()
     assert all((x == y).all() for x, y in zip(a.run(None, feeds), (sa, na)))  # no session state
     assert abs(float(na.mean())) < 0.05 and abs(float(na.std()) - 1) < 0.05
-    assert float(abs(na - eo.graph_noise_ref([7, 7], (3, 40, 56))).max()) < 1e-5
+    assert np.array_equal(na, eo.graph_noise_ref([7, 7], (3, 40, 56)))  # IEEE-exact ops: bit for bit
     other = a.run(None, {"latent_sample": z, "seed": seeds(8, 7)})[1]
-    assert not (other[0] == na[0]).any() and (other[1] == na[1]).all()
+    assert (other[0] == na[0]).mean() < 0.01 and (other[1] == na[1]).all()
 
 
 def test_graph_noise_batch_invariant_in_any_grouping_and_order(graph_noise_onnx):
@@ -229,7 +230,7 @@ def test_graph_noise_batch_invariant_in_any_grouping_and_order(graph_noise_onnx)
             got_sample, got_noise = session.run(None, {"latent_sample": z[idx], "seed": s[idx]})
             assert (got_noise == noise[idx]).all(), f"noise of items {idx} changed with grouping {groups}"
             assert (got_sample == sample[idx]).all(), f"images of items {idx} changed with grouping {groups}"
-    assert float(abs(noise - eo.graph_noise_ref(s[:, 0], (3, 24, 32))).max()) < 1e-5
+    assert np.array_equal(noise, eo.graph_noise_ref(s[:, 0], (3, 24, 32)))
 
 
 def test_graph_noise_fed_to_noise_input_graph_gives_the_same_image(graph_noise_onnx, decoder_session, model):

@@ -142,13 +142,13 @@ def _latent_json(shape, data=None, datatype="FP32", name="latent"):
 
 SEED = {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [1]}
 BAD = {
-    "wrong dtype": ("ssdd_decode", [_latent_json([1, 4, 2, 2], datatype="FP64")], "datatype"),
+    "wrong dtype": ("ssdd_decode", [_latent_json([1, 4, 2, 2], datatype="FP64")], "data-type"),
     "wrong rank": ("ssdd_decode", [_latent_json([1, 4, 2])], "shape"),
     "wrong channels": ("ssdd_decode", [_latent_json([1, 3, 2, 2])], "shape"),
     "NaN latent": ("ssdd_decode", [_latent_json([1, 4, 2, 2], [0.1] * 15 + ["NaN"])], "non-finite"),
     "inf latent": ("ssdd_decode", [_latent_json([1, 4, 2, 2], [0.1] * 15 + ["inf"])], "non-finite"),
     "image over the size cap": ("ssdd_decode", [_latent_json([1, 4, 5, 5])], "size cap"),
-    "missing input": ("ssdd_decode", [SEED], "latent"),
+    "missing input": ("ssdd_decode", [SEED], "missing input 'latent'"),
     "unknown model": ("no_such_model", [_latent_json([1, 4, 2, 2])], "no_such_model"),
     "data length mismatch": ("ssdd_decode", [_latent_json([1, 4, 2, 2], [0.1] * 15)], ""),
     "batch over max": ("ssdd_decode", [_latent_json([5, 4, 2, 2])], "batch"),
@@ -175,6 +175,20 @@ def test_bad_request_gets_an_error_and_the_server_keeps_serving(server, model, c
 
 
 NON_FINITE_JSON_UNSUPPORTED = True
+
+
+def test_binary_data_length_mismatch_is_refused(server):
+    """Binary tensor data (KServe v2 binary extension) shorter than the declared shape: Triton refuses it."""
+    header = json.dumps({"inputs": [{"name": "latent", "shape": [1, 4, 2, 2], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 60}}]}).encode()
+    req = urllib.request.Request(f"{server.http_url}/v2/models/ssdd_decode/infer", data=header + bytes(60),
+                                 headers={"Inference-Header-Content-Length": str(len(header)),
+                                          "Content-Type": "application/octet-stream"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    text = e.value.read().decode()
+    print(f"binary length mismatch: HTTP {e.value.code} {text}")
+    assert e.value.code == 400 and "size" in text.lower()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -315,8 +329,9 @@ def test_lifecycle_disconnect_sigterm_under_load_and_restart(make_checkpoint, on
             t.start()
         while outcomes.count("ok") < 6:
             time.sleep(0.05)
-        code = _stop_cli(proc)
+        proc.send_signal(signal.SIGTERM)  # clients stop sending: Triton waits for open HTTP connections to close
         stop.set()
+        code = proc.wait(timeout=150)
         for t in threads:
             t.join(timeout=60)
             assert not t.is_alive(), "a client request hung after SIGTERM"
@@ -336,3 +351,35 @@ def test_lifecycle_disconnect_sigterm_under_load_and_restart(make_checkpoint, on
         log.close()
     text = (tmp_path / "serve.log").read_text(errors="replace")
     assert text.count("drained and exited with status 0") == 2, text[-2000:]
+
+
+# --- the CLI client and its errors ------------------------------------------------------------------------------
+
+
+def test_cli_decode_on_server_writes_the_direct_images(server, model, tmp_path):
+    """`ssdd decode --server URL` (a real subprocess) writes the PNGs of the direct decode, image i seeded with
+    --seed + i; decode without a model source, or with both, and `ssdd serve` with a bad backend setup fail
+    with one line and exit 2."""
+    from PIL import Image
+
+    from ssdd_runtime.io import save_latents
+
+    z = torch.randn(3, 4, 2, 3, generator=torch.Generator().manual_seed(8))
+    save_latents(tmp_path / "z.safetensors", z)
+    res = subprocess.run([sys.executable, "-m", "ssdd_runtime", "decode", str(tmp_path / "z.safetensors"),
+                          "-o", str(tmp_path / "out"), "--server", server.grpc_url, "--seed", "3",
+                          "--batch-size", "2"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 3
+    for i, png in enumerate(pngs):
+        assert np.array_equal(np.asarray(Image.open(png).convert("RGB")),
+                              tensor_to_uint8(direct(model, z[i:i + 1], 3 + i))[0])
+    for args, msg in ((["decode", "z.npy", "-o", "o"], "one of --checkpoint, --repo or --server"),
+                      (["decode", "z.npy", "-o", "o", "--server", server.http_url, "--checkpoint", "c"],
+                       "drop --checkpoint"),
+                      (["serve", "--checkpoint", "c.safetensors", "--backend", "tensorrt"], "engine"),
+                      (["serve", "--checkpoint", str(tmp_path / "none.safetensors")], "not found")):
+        res = subprocess.run([sys.executable, "-m", "ssdd_runtime", *args], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
