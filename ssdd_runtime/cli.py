@@ -767,8 +767,11 @@ def cmd_export_triton_repo(args) -> int:
 
 def cmd_serve(args) -> int:
     from ssdd_runtime import weights
-    from ssdd_runtime.serve import serve
+    from ssdd_runtime.serve import check_serve_args, serve
 
+    check_serve_args(backend=args.backend, max_batch=args.max_batch, max_queue_delay_us=args.max_queue_delay_us,
+                     instances=args.instances, max_size=args.max_size, threads=args.threads, engine=args.engine,
+                     device=args.device)  # before reading a checkpoint
     source, filename, revision = checkpoint_source(args)
     path = weights.resolve_checkpoint(source, filename, revision=revision)
     return serve(checkpoint=path, backend=args.backend, engine=args.engine, dtype=args.dtype, device=args.device,
