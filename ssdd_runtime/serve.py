@@ -170,7 +170,8 @@ class TritonServer:
         out = open(self.log_path, "ab") if self.log_path else None  # None: Triton's log goes to our stdout
         try:
             self.proc = subprocess.Popen(self.command(), env=server_env(), stdout=out,
-                                         stderr=None if out is None else subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=None if out is None else subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)  # its own process group: the backend stubs
         finally:
             if self.log_path:
                 out.close()
@@ -215,7 +216,16 @@ class TritonServer:
                 log.warning("tritonserver (pid %d) did not exit: killing it", self.proc.pid)
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # stubs orphaned by a crash or kill
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group tritonserver led (start_new_session)
         self._remove_backend_dir()
+        left = self.shm_files()  # a clean exit removes them; a crash or kill leaves them: the prefix is ours alone
+        if left:
+            log.warning("tritonserver (pid %d, status %s) left %d shared-memory regions: removing them",
+                        self.proc.pid, self.proc.returncode, len(left))
+            for name in left:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path("/dev/shm") / name)
         return self.proc.returncode
 
     def _remove_backend_dir(self) -> None:
