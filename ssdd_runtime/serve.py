@@ -387,8 +387,8 @@ def load_served_model(options: dict):
     return model
 
 
-def _one(values, i: int, name: str):
-    return None if values is None else values[i].reshape(-1)[0].item()
+def _one(values: torch.Tensor, i: int):
+    return values[i].reshape(-1)[0].item()  # item i of a (B, 1) input
 
 
 class TritonPythonModel:
@@ -458,13 +458,13 @@ class TritonPythonModel:
         for i in range(B):  # one item at a time: its image does not depend on what it was batched with
             kw = {}
             if steps is not None:
-                kw["steps"] = _one(steps, i, "steps")
+                kw["steps"] = _one(steps, i)
             if shift is not None:
-                kw["t_pow_shift"] = _one(shift, i, "t_pow_shift")
+                kw["t_pow_shift"] = _one(shift, i)
             if noise is not None:
                 kw["noise"] = noise[i:i + 1]
             else:
-                kw["generator"] = torch.Generator().manual_seed(0 if seed is None else _one(seed, i, "seed"))
+                kw["generator"] = torch.Generator().manual_seed(0 if seed is None else _one(seed, i))
             image = self.model.decode(z[i:i + 1], **kw)
             if not bool(torch.isfinite(image).all()):
                 raise FloatingPointError("the decoded image has non-finite values")

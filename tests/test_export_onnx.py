@@ -261,7 +261,8 @@ def test_graph_noise_tensorrt_profile_and_triton_config(graph_noise_onnx, tmp_pa
     text = (model_dir / "config.pbtxt").read_text()
     assert "noise drawn in the graph from the per-item seed input" in text
     cfg, _ = _parse_config(text)
-    assert [i.name for i in cfg.input] == ["latent_sample", "seed"] and [o.name for o in cfg.output] == ["sample", "noise"]
+    assert [i.name for i in cfg.input] == ["latent_sample", "seed"]
+    assert [o.name for o in cfg.output] == ["sample", "noise"]
     assert list(cfg.input[1].dims) == [1]
 
 
