@@ -12,6 +12,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" "$(TRITON)"
 	$(PY) -m pip install -q -e ".[test]"
+	# ssdd serve: the tritonserver that nvidia-pytriton bundles, without PyTriton's numpy<2 pin (its Python side is
+	# not used), and tritonclient's HTTP client
+	$(PY) -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
+	$(PY) -m pip install -q "tritonclient[http,grpc]>=2.50"
 	touch $@
 
 install: $(VENV)/.installed

@@ -3,8 +3,8 @@ and the one ONNX export call, ONNX Runtime session and runner the rest of the pr
 
 Graphs (names are the contract with TensorRT profiles and Triton configs):
     decoder, noise="input": latent_sample (B, C, h, w), noise (B, 3, h*F, w*F) -> sample (B, 3, h*F, w*F)
-    decoder, noise="graph": latent_sample -> sample, noise (the noise drawn in the graph by RandomNormalLike with
-                            the export's `seed` attribute; feeding it to the noise="input" graph gives `sample`)
+    decoder, noise="graph": latent_sample, seed (B, 1) int64 -> sample, noise (item i's noise drawn in the graph
+                            from seed[i] alone; feeding it to the noise="input" graph gives `sample`)
     encoder, names="ssdd":    image (B, 3, H, W) -> latent_mean, latent_logvar (B, C, H/F, W/F), logvar clamped
     encoder, names="optimum": sample (B, 3, H, W) -> latent_parameters (B, 2C, H/F, W/F), mean channels first,
                               unclamped (optimum's VaeEncoderOnnxConfig; diffusers' DiagonalGaussian clamps)
@@ -18,10 +18,12 @@ parser takes (no integer Clip/Abs, no `%`). Everything else (convolutions, norms
 model's own modules.
 
 Noise in the graph (servers that send only the 16 KiB latent instead of 768 KiB of noise per 256x256 image):
-ONNX's RandomNormalLike has a float `seed` attribute and no seed input, so the seed is fixed at export. ONNX
-Runtime seeds the op's generator once per session: the first call of a fresh session draws the same noise for
-the same seed and shape; later calls of that session draw new noise (as a torch.Generator would). Clients that
-need a given image again read the `noise` output and send it to a noise="input" graph.
+each item carries its own seed (input `seed`, (B, 1) int64) and its noise is a function of that seed and the
+image shape only (`graph_noise_ref`: a counter-based integer hash and Box-Muller in plain ONNX ops), so a
+server's dynamic batcher can merge, split and reorder requests without changing any image. (ONNX's
+RandomNormalLike takes a seed attribute fixed at export and ONNX Runtime seeds it once per session: a request's
+noise would depend on what ran before it.) The noise is not torch.Generator's; clients that need a given image
+again send the same seed, or read the `noise` output and send it to a noise="input" graph.
 
 Opset 18..20: torch's dynamo exporter needs >= 18, the TensorRT 10.0 ONNX parser reads <= 20. The operators
 used are checked against `trt10_onnx_ops.txt` after every export. Verified here: ONNX Runtime (CPU) against
@@ -152,7 +154,7 @@ class EncoderGraph(nn.Module):
 
 
 def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dtype, noise: str = "input",
-                      names: str = "ssdd", seed: int = 0) -> int:
+                      names: str = "ssdd") -> int:
     if part not in ("decoder", "encoder"):
         raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -171,8 +173,6 @@ def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dty
         raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
     if noise == "graph" and part != "decoder":
         raise ValueError("noise='graph' applies to the decoder graph only")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**24:
-        raise ValueError(f"seed must be an integer in [0, 2**24) (ONNX stores it as a float), got {seed!r}")
     if names not in NAMINGS:
         raise ValueError(f"names must be one of {', '.join(NAMINGS)}, got {names!r}")
     return opset
@@ -193,19 +193,19 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], *, input_na
 
 def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 1, opset: int | None = None,
                 dtype: torch.dtype = torch.float32, t_pow_shift: float = T_POW_SHIFT,
-                external_data: bool | None = None, noise: str = "input", seed: int = 0,
+                external_data: bool | None = None, noise: str = "input",
                 names: str = "ssdd") -> Path:
     """Write `part` of `model` to `path` as ONNX and check it; returns the path.
 
     steps: Euler steps unrolled into the decoder graph (1 = single-step decoding). dtype=torch.float16 writes
     the fp16 variant (fp32 inputs/outputs; norm statistics and softmax stay fp32, see FP16_KEEP_FP32_OPS).
-    noise: "input" (the caller sends the start noise) or "graph" (drawn in the graph with RandomNormalLike,
-    `seed` as its attribute; the drawn noise is a second output, `noise`). names: "ssdd" or "optimum" (encoder
+    noise: "input" (the caller sends the start noise) or "graph" (drawn in the graph from a per-item `seed`
+    input, see graph_noise_ref; the drawn noise is a second output, `noise`). names: "ssdd" or "optimum" (encoder
     `sample` -> `latent_parameters`; the decoder names are the same in both). external_data: None = automatic
     (weights over ~1.8 GB go to `<path>.data` next to the file). After writing: `onnx.checker` and a check of
     every operator against the TensorRT 10.0 parser's list (a warning names any outside it).
     """
-    opset = check_export_args(part, steps, opset, dtype, noise, names, seed)
+    opset = check_export_args(part, steps, opset, dtype, noise, names)
     path = Path(path)
     m = prepare_for_export(model)
     F, C = m.stride, m.decoder_config.z_dim
@@ -225,12 +225,12 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     proto = export_module(graph, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
                           opset=opset)
     if noise == "graph":
-        _draw_noise_in_graph(proto, stride=F, seed=seed)
+        _draw_noise_in_graph(proto, stride=F)
     meta = {"ssdd.part": part, "ssdd.encoder": m.encoder_config.name, "ssdd.decoder": m.decoder_config.size,
             "ssdd.stride": str(F), "ssdd.z_dim": str(C), "ssdd.steps": str(steps) if part == "decoder" else "",
             "ssdd.t_pow_shift": str(t_pow_shift) if part == "decoder" else "",
             "ssdd.noise": noise if part == "decoder" else "",
-            "ssdd.noise_seed": str(seed) if noise == "graph" else "", "ssdd.names": names,
+            "ssdd.noise_rng": NOISE_RNG if noise == "graph" else "", "ssdd.names": names,
             "ssdd.dtype": "float16" if dtype == torch.float16 else "float32"}
     for key, value in meta.items():
         if value:
@@ -245,42 +245,155 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     return path
 
 
-def _draw_noise_in_graph(proto, *, stride: int, seed: int) -> None:
-    """Turn the graph input `noise` into a tensor drawn in the graph, in place:
-    Shape(latent_sample) * [1, 0, F, F] + [0, 3, 0, 0] -> ConstantOfShape(0.0) -> RandomNormalLike(seed), and
-    expose it as the second output `noise`. Edited after export (onnx.helper) because torch has no traceable
-    op that lowers to RandomNormalLike with a seed attribute."""
+# The in-graph noise generator: a counter-based hash (MiMC-style rounds x -> (x + k_r)^5 mod P over the prime
+# P = 2^31 - 1; x -> x^5 is a bijection mod P because gcd(5, P - 1) = 1) keyed by the request's seed, then
+# Box-Muller. Element n of an item's noise depends only on (seed, n, the image shape): batching, grouping and
+# order never change it. Integer products stay below 2^62 (int64 everywhere, no bitwise ops: the TensorRT
+# parser's list has none for integers). ln and cos are polynomials in IEEE-exact ops (Add, Mul, Div, Sqrt):
+# ONNX Runtime's vectorised Log/Cos round differently by position in the buffer (seen: 1 ulp between two
+# items with the same seed), which would make an item's noise depend on its batch. `graph_noise_ref` is the
+# numerics spec; the graph computes the same operations in the same order.
+NOISE_P = 2**31 - 1
+NOISE_ROUNDS = 6
+NOISE_RNG = "ssdd-mimc5-p31-r6-poly/1"  # metadata ssdd.noise_rng: names this generator (change it if it changes)
+NOISE_KEYS = [((0x9E3779B9 * (3 * r + 1)) % NOISE_P, (0x85EBCA6B * (3 * r + 2)) % NOISE_P,
+               (0xC2B2AE35 * (3 * r + 3)) % NOISE_P) for r in range(NOISE_ROUNDS)]  # (a_r, b_r, c_r)
+LN_TERMS = [1.0 / (2 * k + 1) for k in range(8)]  # ln m = 2 s sum_k s^2k / (2k + 1), s = (m-1)/(m+1) < 1/3
+COS_TERMS = [(-1) ** n / math.factorial(2 * n) for n in range(12)]  # cos y on [-pi, pi], error < 4e-9
+
+
+def graph_noise_ref(seeds, shape):
+    """numpy reference of the noise a noise="graph" decoder draws: (B, *shape) float32 for int64 seeds (B,).
+
+    Keys: lo = seed mod P (>= 0), hi = trunc(seed / P) mod P, k_r = (lo a_r mod P + hi b_r mod P + c_r) mod P.
+    Counters n = 0 .. 2N-1 (N = prod(shape)): x = n, then per round x = (x + k_r)^5 mod P; v = 2 (x // 256) + 1
+    (odd, < 2^24, exact in float32). u1 = v / 2^24 from the first N counters: ln u1 = ln m + (e - 24) ln 2 with
+    v = m 2^e, m in [1, 2), e by binary search; u2 from the last N: cos(2 pi u2) = -cos(2 pi (v / 2^24 - 1/2)).
+    noise = sqrt(-2 ln u1) cos(2 pi u2)."""
+    import numpy as np
+
+    f32 = np.float32
+    seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 1)
+    P = np.int64(NOISE_P)
+    lo = np.mod(seeds, P)
+    hi = np.mod(np.floor_divide(seeds, P) + ((seeds < 0) & (lo != 0)), P)  # ONNX integer Div truncates
+    N = int(np.prod(shape))
+    x = np.arange(2 * N, dtype=np.int64).reshape(1, -1)
+    for a, b, c in NOISE_KEYS:
+        k = np.mod(np.mod(lo * a, P) + np.mod(hi * b, P) + c, P)
+        x = np.mod(x + k, P)
+        x2 = np.mod(x * x, P)
+        x = np.mod(np.mod(x2 * x2, P) * x, P)
+    v = (x // 256) * 2 + 1
+    v1, v2 = v[:, :N], v[:, N:]
+    pow2 = np.asarray([2**i for i in range(32)], dtype=np.int64)
+    e = np.zeros_like(v1)
+    for step in (16, 8, 4, 2, 1):
+        e = e + step * (v1 >= pow2[e + step]).astype(np.int64)
+    m = v1.astype(f32) / pow2.astype(f32)[e]
+    s = (m - f32(1)) / (m + f32(1))
+    w = s * s
+    poly = np.full_like(w, f32(LN_TERMS[-1]))
+    for c in LN_TERMS[-2::-1]:
+        poly = poly * w + f32(c)
+    ln_u = (s * poly) * f32(2) + (e.astype(f32) + f32(-24)) * f32(math.log(2))
+    radius = np.sqrt(ln_u * f32(-2))
+    y = (v2.astype(f32) * f32(2.0 ** -24) + f32(-0.5)) * f32(2 * math.pi)
+    y2 = y * y
+    cos = np.full_like(y2, f32(COS_TERMS[-1]))
+    for c in COS_TERMS[-2::-1]:
+        cos = cos * y2 + f32(c)
+    return ((radius * cos) * f32(-1)).reshape(len(seeds), *shape)
+
+
+def _draw_noise_in_graph(proto, *, stride: int) -> None:
+    """Turn the graph input `noise` into noise drawn in the graph from a new input `seed` (B, 1) int64, in
+    place (`graph_noise_ref` is the same computation), and expose it as the second output `noise`. Edited after
+    export (onnx.helper): torch has no traceable op for a per-item seeded normal."""
     onnx = _require("onnx")
     from onnx import TensorProto, helper
 
     graph = proto.graph
     (noise_in,) = [v for v in graph.input if v.name == "noise"]
     latent = next(v for v in graph.input if v.name == "latent_sample")
+    batch = latent.type.tensor_type.shape.dim[0]
     graph.input.remove(noise_in)
-    graph.initializer.extend([
-        helper.make_tensor("ssdd_noise_scale", TensorProto.INT64, [4], [1, 0, stride, stride]),
-        helper.make_tensor("ssdd_noise_offset", TensorProto.INT64, [4], [0, 3, 0, 0]),
-    ])
-    nodes = [
-        helper.make_node("Shape", [latent.name], ["ssdd_latent_shape"], name="ssdd_noise_shape_of_latent"),
-        helper.make_node("Mul", ["ssdd_latent_shape", "ssdd_noise_scale"], ["ssdd_noise_shape_scaled"],
-                         name="ssdd_noise_shape_mul"),
-        helper.make_node("Add", ["ssdd_noise_shape_scaled", "ssdd_noise_offset"], ["ssdd_noise_shape"],
-                         name="ssdd_noise_shape_add"),
-        helper.make_node("ConstantOfShape", ["ssdd_noise_shape"], ["ssdd_noise_zeros"], name="ssdd_noise_zeros",
-                         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
-        helper.make_node("RandomNormalLike", ["ssdd_noise_zeros"], ["noise"], name="ssdd_noise_draw",
-                         dtype=TensorProto.FLOAT, mean=0.0, scale=1.0, seed=float(seed)),
-    ]
+    graph.input.append(helper.make_tensor_value_info("seed", TensorProto.INT64,
+                                                     [batch.dim_param or batch.dim_value, 1]))
+    nodes = []
+
+    def const(name, values, dtype=TensorProto.INT64, dims=()):
+        values = values if isinstance(values, list) else [values]
+        graph.initializer.append(helper.make_tensor(f"ssdd_noise_{name}", dtype, list(dims), values))
+        return f"ssdd_noise_{name}"
+
+    def fconst(name, value):
+        return const(name, float(value), TensorProto.FLOAT)
+
+    def op(kind, inputs, name, **attrs):
+        out = f"ssdd_noise_{name}"
+        nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
+        return out
+
+    P = const("P", NOISE_P)
+    shape = op("Shape", [latent.name], "latent_shape")
+    img = op("Add", [op("Mul", [shape, const("scale", [1, 0, stride, stride], dims=[4])], "shape_mul"),
+                     const("offset", [0, 3, 0, 0], dims=[4])], "image_shape")  # (B, 3, H, W)
+    per_item = op("Slice", [img, const("one_1d", [1], dims=[1]), const("four_1d", [4], dims=[1])], "item_shape")
+    n = op("ReduceProd", [per_item], "n", keepdims=1)  # (1,) = 3 H W
+    two_n = op("Squeeze", [op("Mul", [n, const("two", 2)], "two_n")], "two_n_scalar")
+    counters = op("Range", [const("zero", 0), two_n, const("one", 1)], "range")
+    x = op("Unsqueeze", [counters, const("axis0", [0], dims=[1])], "counters")  # (1, 2N)
+    lo = op("Mod", ["seed", P], "seed_lo")  # (B, 1); integer Mod takes the divisor's sign: >= 0
+    hi = op("Mod", [op("Div", ["seed", P], "seed_div"), P], "seed_hi")
+    for r, (a, b, c) in enumerate(NOISE_KEYS):
+        ka = op("Mod", [op("Mul", [lo, const(f"a{r}", a)], f"lo_a{r}"), P], f"ka{r}")
+        kb = op("Mod", [op("Mul", [hi, const(f"b{r}", b)], f"hi_b{r}"), P], f"kb{r}")
+        k = op("Mod", [op("Add", [op("Add", [ka, kb], f"kab{r}"), const(f"c{r}", c)], f"kabc{r}"), P], f"k{r}")
+        x = op("Mod", [op("Add", [x, k], f"xk{r}"), P], f"x{r}")  # (B, 2N)
+        x2 = op("Mod", [op("Mul", [x, x], f"sq{r}"), P], f"x2_{r}")
+        x4 = op("Mod", [op("Mul", [x2, x2], f"sq2{r}"), P], f"x4_{r}")
+        x = op("Mod", [op("Mul", [x4, x], f"p5{r}"), P], f"x5_{r}")
+    v = op("Add", [op("Mul", [op("Div", [x, const("256", 256)], "q"), const("2", 2)], "q2"), const("1", 1)], "v")
+    nodes.append(helper.make_node("Split", [v, op("Concat", [n, n], "split_sizes", axis=0)],
+                                  ["ssdd_noise_v1", "ssdd_noise_v2"], name="ssdd_noise_split", axis=1))
+    v1, v2 = "ssdd_noise_v1", "ssdd_noise_v2"
+    # ln u1: e = floor(log2 v1) by binary search over a table of powers of two, m = v1 / 2^e in [1, 2)
+    pow2 = const("pow2", [2**i for i in range(32)], dims=[32])
+    e = op("Mul", [v1, const("zero_i", 0)], "e_init")
+    for step in (16, 8, 4, 2, 1):
+        bound = op("Gather", [pow2, op("Add", [e, const(f"s{step}", step)], f"e_plus{step}")], f"bound{step}")
+        hit = op("Cast", [op("GreaterOrEqual", [v1, bound], f"ge{step}")], f"hit{step}", to=TensorProto.INT64)
+        e = op("Add", [e, op("Mul", [hit, const(f"t{step}", step)], f"inc{step}")], f"e{step}")
+    pow2f = const("pow2f", [float(2**i) for i in range(32)], TensorProto.FLOAT, dims=[32])
+    m = op("Div", [op("Cast", [v1], "v1f", to=TensorProto.FLOAT), op("Gather", [pow2f, e], "two_e")], "m")
+    s = op("Div", [op("Add", [m, fconst("m1", -1)], "m_minus"), op("Add", [m, fconst("p1", 1)], "m_plus")], "s")
+    w = op("Mul", [s, s], "w")
+    poly = op("Mul", [w, fconst("ln_zero", 0.0)], "ln_p_init")  # zeros of w's shape, then Horner
+    for i, c in enumerate(reversed(LN_TERMS)):
+        poly = op("Add", [poly if i == 0 else op("Mul", [poly, w], f"ln_pw{i}"), fconst(f"ln_c{i}", c)], f"ln_p{i}")
+    ln_u = op("Add", [op("Mul", [op("Mul", [s, poly], "s_poly"), fconst("f2", 2)], "ln_m"),
+                      op("Mul", [op("Add", [op("Cast", [e], "ef", to=TensorProto.FLOAT), fconst("m24", -24)],
+                                    "e_m24"), fconst("ln2", math.log(2))], "e_ln2")], "ln_u")
+    radius = op("Sqrt", [op("Mul", [ln_u, fconst("m2", -2)], "m2_ln_u")], "radius")
+    # cos(2 pi u2) = -cos(y), y = 2 pi (u2 - 1/2) in (-pi, pi)
+    y = op("Mul", [op("Add", [op("Mul", [op("Cast", [v2], "v2f", to=TensorProto.FLOAT), fconst("inv24", 2.0**-24)],
+                                 "u2"), fconst("mhalf", -0.5)], "t"), fconst("twopi", 2 * math.pi)], "y")
+    y2 = op("Mul", [y, y], "y2")
+    cos = op("Mul", [y2, fconst("cos_zero", 0.0)], "cos_init")
+    for i, c in enumerate(reversed(COS_TERMS)):
+        cos = op("Add", [cos if i == 0 else op("Mul", [cos, y2], f"cos_pw{i}"), fconst(f"cos_c{i}", c)], f"cos{i}")
+    flat = op("Mul", [op("Mul", [radius, cos], "r_cos"), fconst("neg", -1)], "flat")  # (B, N)
+    nodes.append(helper.make_node("Reshape", [flat, img], ["noise"], name="ssdd_noise_reshape"))
     for i, node in enumerate(nodes):  # first in the graph: nodes stay topologically sorted
         graph.node.insert(i, node)
     graph.output.append(onnx.ValueInfoProto())
     graph.output[-1].CopyFrom(noise_in)
 
 
-def convert_to_graph_noise(src, dst, *, seed: int = 0, external_data: bool | None = None) -> Path:
+def convert_to_graph_noise(src, dst, *, external_data: bool | None = None) -> Path:
     """Write the noise="graph" variant of the noise-input decoder graph `src` to `dst` (what
-    export_onnx(noise="graph", seed=seed) writes, without re-exporting)."""
+    export_onnx(noise="graph") writes, without re-exporting)."""
     onnx = _require("onnx")
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -290,9 +403,9 @@ def convert_to_graph_noise(src, dst, *, seed: int = 0, external_data: bool | Non
     if meta.get("ssdd.part") != "decoder" or meta.get("ssdd.noise", "input") != "input":
         raise ValueError(f"{src} is not a noise-input decoder graph written by export_onnx (metadata "
                          f"ssdd.part={meta.get('ssdd.part')!r}, ssdd.noise={meta.get('ssdd.noise')!r})")
-    check_export_args("decoder", 1, None, torch.float32, "graph", meta.get("ssdd.names", "ssdd"), seed)
-    _draw_noise_in_graph(proto, stride=int(meta["ssdd.stride"]), seed=seed)
-    for key, value in (("ssdd.noise", "graph"), ("ssdd.noise_seed", str(seed))):
+    check_export_args("decoder", 1, None, torch.float32, "graph", meta.get("ssdd.names", "ssdd"))
+    _draw_noise_in_graph(proto, stride=int(meta["ssdd.stride"]))
+    for key, value in (("ssdd.noise", "graph"), ("ssdd.noise_rng", NOISE_RNG)):
         props = [p for p in proto.metadata_props if p.key == key]
         if props:
             props[0].value = value
@@ -481,6 +594,8 @@ def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch
     encoder's image. Uses the graph's `ssdd.*` metadata for the part, steps, t_pow_shift, noise and names.
     A noise="graph" decoder is compared with PyTorch decoding the noise the graph drew (its `noise` output).
     """
+    import numpy as np
+
     meta = read_metadata(path)
     part = meta.get("ssdd.part")
     if part not in ("decoder", "encoder"):
@@ -497,8 +612,8 @@ def verify_onnx(model: SSDDModule, path, *, latent_sizes=((4, 4), (4, 6)), batch
             if part == "decoder":
                 z = torch.randn(batch, C, h, w, generator=g)
                 noise = torch.randn(batch, 3, h * F, w * F, generator=g)
-                feeds = {"latent_sample": z.numpy()} if graph_noise else {"latent_sample": z.numpy(),
-                                                                          "noise": noise.numpy()}
+                feeds = ({"latent_sample": z.numpy(), "seed": np.arange(batch, dtype=np.int64).reshape(-1, 1)}
+                         if graph_noise else {"latent_sample": z.numpy(), "noise": noise.numpy()})
                 got = session.run(None, feeds)
                 if graph_noise:
                     noise = torch.from_numpy(got[1])

@@ -105,7 +105,7 @@ def _parse_spec(text: str, inputs: dict[str, Shape], part: str, stride: int, z_d
     if H % stride or W % stride:
         raise ValueError(f"image size {H}x{W} must be a multiple of the encoder stride {stride} in both directions")
     full = {"latent_sample": (B, z_dim, H // stride, W // stride), "noise": (B, 3, H, W), "image": (B, 3, H, W),
-            "sample": (B, 3, H, W)}
+            "sample": (B, 3, H, W), "seed": (B, 1)}
     return {name: full[name] for name in inputs}
 
 
@@ -117,7 +117,7 @@ def make_profile(min_shape: str, opt_shape: str, max_shape: str, *, part: str = 
         raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
     if inputs is None:
         inputs = ("latent_sample", "noise") if part == "decoder" else ("image",)
-    known = ("latent_sample", "noise") if part == "decoder" else ("image", "sample")
+    known = ("latent_sample", "noise", "seed") if part == "decoder" else ("image", "sample")
     if not inputs or any(n not in known for n in inputs):
         raise ValueError(f"{part} graph inputs must be among {', '.join(known)}, got {list(inputs)}")
     inputs = dict.fromkeys(inputs, ())
@@ -148,7 +148,7 @@ def profile_for_onnx(onnx_path, min_shape: str, opt_shape: str, max_shape: str) 
         raise ValueError(f"{onnx_path} has no ssdd.* metadata: export it with `ssdd export onnx` "
                          "(or pass per-input shapes name:BxCxHxW)")
     if meta["ssdd.part"] == "decoder":
-        inputs = ("latent_sample",) if meta.get("ssdd.noise") == "graph" else ("latent_sample", "noise")
+        inputs = ("latent_sample", "seed") if meta.get("ssdd.noise") == "graph" else ("latent_sample", "noise")
     else:
         inputs = ("sample",) if meta.get("ssdd.names") == "optimum" else ("image",)
     return make_profile(min_shape, opt_shape, max_shape, part=meta["ssdd.part"], stride=int(meta["ssdd.stride"]),

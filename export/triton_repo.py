@@ -4,13 +4,18 @@ Layout written (Triton's convention):
     <repo>/<name>/config.pbtxt
     <repo>/<name>/1/model.onnx (+ its external-data file, if any)   backend "onnxruntime"
     <repo>/<name>/1/model.plan                                       backend "tensorrt"
-A decoder exported with noise="graph" (export_onnx / convert_to_graph_noise) gives a config whose only input is
-`latent_sample` (clients send 16 KiB per 256x256 image instead of 16 KiB + 768 KiB of noise) and whose outputs
-are `sample` and the drawn `noise` (clients request the outputs they want). config.pbtxt declares the graph's
+A decoder exported with noise="graph" (export_onnx / convert_to_graph_noise) gives a config whose inputs are
+`latent_sample` and `seed` (INT64 [1] per item; clients send 16 KiB per 256x256 image instead of 16 KiB + 768 KiB
+of noise; an item's noise depends on its seed alone, so dynamic batching never changes an image) and whose
+outputs are `sample` and the drawn `noise` (clients request the outputs they want). config.pbtxt declares the graph's
 inputs and outputs by their ONNX names with the batch dimension left to
 `max_batch_size` (dims exclude it; -1 = dynamic height/width), dynamic batching and an instance group.
 Verified here: the text parses into Triton's `inference.ModelConfig` protobuf (tritonclient's generated
-model_config_pb2) and matches the ONNX graph (tests/test_export_onnx.py). Not verified: loading in a server.
+model_config_pb2) and matches the ONNX graph (tests/test_export_onnx.py); the repository loads in the real
+tritonserver 2.51 bundled by nvidia-pytriton and answers with ONNX Runtime's outputs, the onnxruntime platform
+stood in for by a Python-backend model running the same model.onnx (tests/test_triton_repo_server.py). Not
+verified: the native onnxruntime/tensorrt backends (NVIDIA's container only), their own options and their
+automatic config completion.
 """
 from __future__ import annotations
 
@@ -61,8 +66,8 @@ def triton_config(onnx_path, *, name: str, backend: str = "onnxruntime", max_bat
     lines = [
         f"# SSDD {meta.get('ssdd.part', '?')} ({meta.get('ssdd.encoder', '?')} / {meta.get('ssdd.decoder', '?')}, "
         f"steps {meta.get('ssdd.steps', '-')}, {meta.get('ssdd.dtype', '?')} graph"
-        + (f", noise drawn in the graph with seed {meta.get('ssdd.noise_seed')}" if meta.get("ssdd.noise") == "graph"
-           else "") + "), written by ssdd export triton-repo",
+        + (f", noise drawn in the graph from the per-item seed input ({meta.get('ssdd.noise_rng')})"
+           if meta.get("ssdd.noise") == "graph" else "") + "), written by ssdd export triton-repo",
         f'name: "{name}"',
         f'backend: "{backend}"',
         f"max_batch_size: {max_batch_size}",

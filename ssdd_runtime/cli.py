@@ -212,9 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="latents file: .safetensors, .npy or .pt")
 
     p = command("decode", cmd_decode, "latents file -> PNG images",
-                parents=[*model, decode, batch], epilog=EPILOG,
-                description="Decode a latents file (written by `ssdd encode` or any (B, C, h, w) tensor) to PNGs "
-                            "named after the encoded images when known.")
+                parents=[_checkpoint_flags(required=False), _runtime_flags(backend=True), decode, batch],
+                epilog=EPILOG, description="Decode a latents file (written by `ssdd encode` or any (B, C, h, w) "
+                "tensor) to PNGs named after the encoded images when known. With --server the images are decoded "
+                "by a running `ssdd serve` (image i with seed --seed + i, --batch-size items per request, default "
+                "1) instead of a local checkpoint.")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="decode on a running `ssdd serve`: http://HOST:PORT or grpc://HOST:PORT")
     p.add_argument("latents", help="latents file: .safetensors, .npy or .pt")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--force", action="store_true",
@@ -235,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
                                parents=[_debug_flag()],
                                description="Export SSDD graphs for ONNX Runtime, TensorRT and Triton."),
                 ckpt)
+
+    p = command("serve", cmd_serve, "serve ssdd_decode / ssdd_encode on Triton Inference Server",
+                parents=[ckpt], epilog=EPILOG, description="Serve the checkpoint on the tritonserver bundled by "
+                "nvidia-pytriton (pip install 'ssdd-runtime[serve]'): models ssdd_decode (latent [B,C,h,w] FP32, "
+                "optional seed [B,1] INT64 / noise, steps, t_pow_shift -> image FP32 [B,3,H,W], image_uint8) and "
+                "ssdd_encode, KServe v2 over HTTP (JSON or binary) and gRPC, dynamic batching of same-size "
+                "requests (each item decoded on its own: batching never changes an image), Triton's health, "
+                "readiness and Prometheus metrics. SIGTERM or Ctrl-C drains in-flight requests, then exits 0. "
+                "See docs/guides/serving.md.")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--backend", default="torch", choices=["torch", "compile", "openvino", "tensorrt"],
+                   help="torch (default), compile (torch.compile), openvino (CPU), tensorrt (--engine, GPU)")
+    g.add_argument("--engine", default=None, help="TensorRT decoder engine (--backend tensorrt)")
+    g.add_argument("--device", default=None, type=_device, help="torch device (default cpu)")
+    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights/activations dtype (default fp32)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per instance")
+    g = p.add_argument_group("server")
+    g.add_argument("--max-batch", type=_positive_int, default=8, help="dynamic batching limit (default 8)")
+    g.add_argument("--max-queue-delay-us", type=_nonneg_int, default=2000,
+                   help="how long a request may wait for others to batch with (default 2000)")
+    g.add_argument("--instances", type=_positive_int, default=1, help="model instances (processes) per model")
+    g.add_argument("--max-size", type=_positive_int, default=2048, help="cap on the image side in pixels")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    for name, default in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        g.add_argument(f"--{name}-port", type=_checked(int, lambda v: 1 <= v <= 65535, "a port 1..65535"),
+                       default=default, help=f"default {default}")
+    g.add_argument("--exit-timeout", type=_nonneg_int, default=30,
+                   help="seconds SIGTERM waits for in-flight requests (default 30)")
 
     p = command("bench", cmd_bench, "SSDD vs KL-VAE decode throughput across backends", parents=[runtime],
                 description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,9 +357,8 @@ def _add_export(export: argparse.ArgumentParser, ckpt: argparse.ArgumentParser) 
     p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
                    help="weights in <output>.data (auto: when above ~1.8 GB)")
     p.add_argument("--noise", choices=["input", "graph"], default="input",
-                   help="decoder start noise: an input (default) or drawn inside the graph (RandomNormalLike seeded by "
-                        "--seed; clients send only latent_sample; the drawn noise is a second output)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the in-graph noise (--noise graph; default 0)")
+                   help="decoder start noise: an input (default) or drawn inside the graph from a per-item `seed` "
+                        "input (B, 1) int64 (clients send latent_sample and seed; the drawn noise is a second output)")
     p.add_argument("--names", choices=["ssdd", "optimum"], default="ssdd",
                    help="encoder output names: ssdd (latent_mean, latent_logvar) or optimum (latent_parameters)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
@@ -495,11 +526,18 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
+    local = args.checkpoint is not None or args.repo is not None
+    if args.server is not None and local:
+        raise ValueError("--server decodes with the server's model: drop --checkpoint/--repo")
+    if args.server is None and not local:
+        raise ValueError("one of --checkpoint, --repo or --server is required")
     checkpoint_source(args)
     z, meta = load_latents(args.latents)
     names = _names(meta, len(z), source=args.latents, default=Path(args.latents).stem)
     out = _output_dir(args.output)
     dests = _output_paths(out, [f"{n}.png" for n in names], inputs=[args.latents])
+    if args.server is not None:
+        return _decode_on_server(args, z, dests, out)
     model = load_model(args)
     check_latent_metadata(meta, model, force=args.force)  # another encoder's latents decode to garbage
     gen = torch.Generator().manual_seed(args.seed)
@@ -512,6 +550,24 @@ def cmd_decode(args) -> int:
             save_image(img, dest)
             written += 1
     print(f"wrote {written} images to {out}")
+    return 0
+
+
+def _decode_on_server(args, z: torch.Tensor, dests: list[Path], out: Path) -> int:
+    from ssdd_runtime.serve import Client
+
+    step = args.batch_size or 1
+    written = 0
+    with Client(args.server) as client:
+        for i in _progress(range(0, len(z), step), desc="decode", unit="request"):
+            zb = z[i:i + step].float().contiguous()
+            imgs = client.decode(zb, seeds=[args.seed + i + k for k in range(len(zb))], steps=args.steps,
+                                 t_pow_shift=args.t_pow_shift)
+            for dest, img in zip(dests[i:i + step], imgs):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                save_image(img, dest)
+                written += 1
+    print(f"wrote {written} images to {out} (decoded by {args.server})")
     return 0
 
 
@@ -639,8 +695,8 @@ def cmd_export_onnx(args) -> int:
     from ssdd_runtime.export.onnx import check_export_args, export_onnx, verify_onnx
 
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    check_export_args(args.part, args.steps, args.opset, dtype, noise=args.noise, names=args.names,
-                      seed=args.seed)  # fail before loading a checkpoint
+    check_export_args(args.part, args.steps, args.opset, dtype, noise=args.noise,
+                      names=args.names)  # fail before loading a checkpoint
     checkpoint_source(args)
     out = _output_file(args.output)
     model = load_model(args, device="cpu", dtype="fp32")
@@ -650,7 +706,7 @@ def cmd_export_onnx(args) -> int:
     with atomic_output_folder(out.parent, last=out.name) as tmp:
         path = export_onnx(model, tmp / out.name, part=args.part, steps=args.steps, opset=args.opset, dtype=dtype,
                            t_pow_shift=args.t_pow_shift, external_data=external, noise=args.noise,
-                           seed=args.seed, names=args.names)
+                           names=args.names)
         rows = [] if args.no_verify else verify_onnx(model, path, latent_sizes=((8, 8), (8, 12)))
         bad = [r for r in rows if not math.isfinite(r["max_abs"])]
         if bad:
@@ -707,6 +763,22 @@ def cmd_export_triton_repo(args) -> int:
                                   max_queue_delay_us=args.max_queue_delay_us)
     print(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from ssdd_runtime import weights
+    from ssdd_runtime.serve import check_serve_args, serve
+
+    check_serve_args(backend=args.backend, max_batch=args.max_batch, max_queue_delay_us=args.max_queue_delay_us,
+                     instances=args.instances, max_size=args.max_size, threads=args.threads, engine=args.engine,
+                     device=args.device)  # before reading a checkpoint
+    source, filename, revision = checkpoint_source(args)
+    path = weights.resolve_checkpoint(source, filename, revision=revision)
+    return serve(checkpoint=path, backend=args.backend, engine=args.engine, dtype=args.dtype, device=args.device,
+                 threads=args.threads, max_batch=args.max_batch, max_queue_delay_us=args.max_queue_delay_us,
+                 instances=args.instances, max_size=args.max_size, host=args.host, http_port=args.http_port,
+                 grpc_port=args.grpc_port, metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout,
+                 ready=lambda line: print(line, flush=True))
 
 
 # -- bench ----------------------------------------------------------------------------------------------------

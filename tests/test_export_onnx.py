@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,8 +73,7 @@ def decoder_session(decoder_onnx):
 
 @pytest.fixture(scope="module")
 def graph_noise_onnx(decoder_onnx, tmp_path_factory):
-    return eo.convert_to_graph_noise(decoder_onnx, tmp_path_factory.mktemp("onnx") / "decoder_graph_noise.onnx",
-                                     seed=7)
+    return eo.convert_to_graph_noise(decoder_onnx, tmp_path_factory.mktemp("onnx") / "decoder_graph_noise.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -182,33 +182,60 @@ def test_attention_scales_q_before_first_matmul(decoder_onnx):
 # --- noise drawn in the graph, optimum names ------------------------------------------------------------------
 
 
+def seeds(*values):
+    return np.asarray(values, dtype=np.int64).reshape(-1, 1)
+
+
 def test_graph_noise_io_and_ops(graph_noise_onnx):
     io = eo.graph_io(graph_noise_onnx)
-    assert [r[0] for r in io["inputs"]] == ["latent_sample"]
+    assert [(r[0], r[1]) for r in io["inputs"]] == [("latent_sample", 1), ("seed", 7)]  # FLOAT, INT64
+    assert io["inputs"][1][2] == (io["inputs"][0][2][0], 1)  # seed: (B, 1), the latent's batch
     assert [r[0] for r in io["outputs"]] == ["sample", "noise"]
     assert io["outputs"][0][2] == io["outputs"][1][2]  # noise has the image's (dynamic) shape
     meta = eo.read_metadata(graph_noise_onnx)
-    assert meta["ssdd.noise"] == "graph" and meta["ssdd.noise_seed"] == "7"
-    assert "RandomNormalLike" in eo.onnx_ops(graph_noise_onnx) and eo.unsupported_trt_ops(graph_noise_onnx) == []
+    assert meta["ssdd.noise"] == "graph" and meta["ssdd.noise_rng"] == eo.NOISE_RNG
+    ops = eo.onnx_ops(graph_noise_onnx)
+    assert "RandomNormalLike" not in ops and eo.unsupported_trt_ops(graph_noise_onnx) == []
 
 
-def test_graph_noise_same_seed_same_image(graph_noise_onnx, decoder_onnx, tmp_path):
-    """Two fresh sessions of the same graph (seed 7) draw the same noise and decode the same image, non-square,
-    batch 2; the noise is standard normal; a later call of a session draws new noise; another seed differs."""
+def test_graph_noise_same_seed_same_image(graph_noise_onnx):
+    """The same seeds give the same noise and image in two fresh sessions, in later calls of one session and
+    for two items of one batch (non-square, batch 2); the noise is the numpy reference's bit for bit and
+    standard normal; another seed gives other noise to its item only."""
     z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(3)).numpy()
     a, b = (eo.ort_session(graph_noise_onnx) for _ in range(2))
-    (sa, na), (sb, nb) = a.run(None, {"latent_sample": z}), b.run(None, {"latent_sample": z})
+    feeds = {"latent_sample": z, "seed": seeds(7, 7)}
+    (sa, na), (sb, nb) = a.run(None, feeds), b.run(None, feeds)
     assert na.shape == (2, 3, 40, 56) and sa.shape == na.shape
-    assert (na == nb).all() and (sa == sb).all()
+    assert (na == nb).all() and (sa == sb).all() and (na[0] == na[1]).all()
+    assert all((x == y).all() for x, y in zip(a.run(None, feeds), (sa, na)))  # no session state
     assert abs(float(na.mean())) < 0.05 and abs(float(na.std()) - 1) < 0.05
-    assert not (a.run(None, {"latent_sample": z})[1] == na).all()  # the session's generator moves on
-    other = eo.convert_to_graph_noise(decoder_onnx, tmp_path / "seed8.onnx", seed=8)
-    assert not (eo.ort_session(other).run(None, {"latent_sample": z})[1] == na).all()
+    assert np.array_equal(na, eo.graph_noise_ref([7, 7], (3, 40, 56)))  # IEEE-exact ops: bit for bit
+    other = a.run(None, {"latent_sample": z, "seed": seeds(8, 7)})[1]
+    assert (other[0] == na[0]).mean() < 0.01 and (other[1] == na[1]).all()
+
+
+def test_graph_noise_batch_invariant_in_any_grouping_and_order(graph_noise_onnx):
+    """Item i's image and noise depend on (latent i, seed i) only: one batch of 5, its items reversed, split
+    into groups of 2 + 3 and 1 + 4, and one at a time, all give the same tensors bit for bit. Seeds include
+    negatives and values beyond 2**31 (the generator folds the whole int64)."""
+    z = torch.randn(5, 4, 3, 4, generator=torch.Generator().manual_seed(11)).numpy()
+    s = seeds(0, 1, -1, 2**31 + 5, -(2**63))
+    session = eo.ort_session(graph_noise_onnx)
+    sample, noise = session.run(None, {"latent_sample": z, "seed": s})
+    assert len({noise[i].tobytes() for i in range(5)}) == 5  # every seed draws its own noise
+    groupings = [[[4, 3, 2, 1, 0]], [[0, 1], [2, 3, 4]], [[3], [0, 4, 1, 2]], [[i] for i in range(5)]]
+    for groups in groupings:
+        for idx in groups:
+            got_sample, got_noise = session.run(None, {"latent_sample": z[idx], "seed": s[idx]})
+            assert (got_noise == noise[idx]).all(), f"noise of items {idx} changed with grouping {groups}"
+            assert (got_sample == sample[idx]).all(), f"images of items {idx} changed with grouping {groups}"
+    assert np.array_equal(noise, eo.graph_noise_ref(s[:, 0], (3, 24, 32)))
 
 
 def test_graph_noise_fed_to_noise_input_graph_gives_the_same_image(graph_noise_onnx, decoder_session, model):
     z = torch.randn(1, 4, 6, 4, generator=torch.Generator().manual_seed(5)).numpy()
-    sample, noise = eo.ort_session(graph_noise_onnx).run(None, {"latent_sample": z})
+    sample, noise = eo.ort_session(graph_noise_onnx).run(None, {"latent_sample": z, "seed": seeds(3)})
     again = decoder_session.run(None, {"latent_sample": z, "noise": noise})[0]
     print(f"graph noise -> noise input graph: max abs {float(abs(again - sample).max()):.2e}")
     assert float(abs(again - sample).max()) <= 1e-5
@@ -221,8 +248,6 @@ def test_graph_noise_conversion_errors(graph_noise_onnx, decoder_onnx, encoder_o
         eo.convert_to_graph_noise(graph_noise_onnx, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="not a noise-input decoder"):
         eo.convert_to_graph_noise(encoder_onnx, tmp_path / "x.onnx")
-    with pytest.raises(ValueError, match="seed must be"):
-        eo.convert_to_graph_noise(decoder_onnx, tmp_path / "x.onnx", seed=-1)
 
 
 def test_graph_noise_tensorrt_profile_and_triton_config(graph_noise_onnx, tmp_path):
@@ -230,12 +255,15 @@ def test_graph_noise_tensorrt_profile_and_triton_config(graph_noise_onnx, tmp_pa
     from ssdd_runtime.export.triton_repo import write_triton_repo
 
     profile = profile_for_onnx(graph_noise_onnx, "1x64x64", "2x256x256", "4x512x512")
-    assert profile.shapes == {"latent_sample": ((1, 4, 8, 8), (2, 4, 32, 32), (4, 4, 64, 64))}
+    assert profile.shapes == {"latent_sample": ((1, 4, 8, 8), (2, 4, 32, 32), (4, 4, 64, 64)),
+                              "seed": ((1, 1), (2, 1), (4, 1))}
     model_dir = write_triton_repo(tmp_path / "repo", onnx_path=graph_noise_onnx, name="ssdd_decoder")
     text = (model_dir / "config.pbtxt").read_text()
-    assert "noise drawn in the graph with seed 7" in text
+    assert "noise drawn in the graph from the per-item seed input" in text
     cfg, _ = _parse_config(text)
-    assert [i.name for i in cfg.input] == ["latent_sample"] and [o.name for o in cfg.output] == ["sample", "noise"]
+    assert [i.name for i in cfg.input] == ["latent_sample", "seed"]
+    assert [o.name for o in cfg.output] == ["sample", "noise"]
+    assert list(cfg.input[1].dims) == [1]
 
 
 def test_optimum_encoder_names(optimum_encoder_onnx, encoder_onnx, api_model):
@@ -284,7 +312,6 @@ def test_fp16_variant_keeps_norms_and_softmax_fp32(decoder_onnx, tmp_path):
     (dict(steps=0), "steps must be"),
     (dict(noise="random"), "noise must be one of"),
     (dict(noise="graph", part="encoder"), "decoder graph only"),
-    (dict(noise="graph", seed=-1), "seed must be"),
     (dict(names="hf"), "names must be one of"),
 ])
 def test_export_argument_errors(model, tmp_path, kwargs, match):
@@ -387,3 +414,119 @@ def test_cli_export_onnx_rejects_opset_before_loading(tmp_path, capsys):
     rc = main(["export", "onnx", "--checkpoint", str(tmp_path / "missing.safetensors"), "--opset", "21",
                "-o", str(tmp_path / "d.onnx")])
     assert rc == 2 and "unsupported opset 21" in capsys.readouterr().err
+
+
+# --- the exported repository in a real Triton server ----------------------------------------------------------
+
+# Test-only stand-in for Triton's onnxruntime backend (absent from the nvidia-pytriton wheel, which has the Python
+# backend only): a Python-backend model that runs the same <version>/model.onnx with ONNX Runtime, feeding the
+# inputs and returning the outputs under the names config.pbtxt declares. It does NOT cover the native backend's
+# own options (execution accelerators, TensorRT/OpenVINO EPs, its thread and memory settings) nor its automatic
+# config completion (the config here is complete as written, so Triton's checks of it still run).
+ORT_STAND_IN = '''
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+import torch.utils.dlpack
+import triton_python_backend_utils as pb
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            feeds = {n: torch.utils.dlpack.from_dlpack(pb.get_input_tensor_by_name(request, n).to_dlpack()).numpy()
+                     for n in self.inputs}
+            outs = self.session.run(self.outputs, feeds)
+            responses.append(pb.InferenceResponse(output_tensors=[
+                pb.Tensor.from_dlpack(n, torch.utils.dlpack.to_dlpack(torch.from_numpy(o)))
+                for n, o in zip(self.outputs, outs)]))
+        return responses
+'''
+
+
+def test_exported_triton_repo_answers_in_real_tritonserver(decoder_onnx, graph_noise_onnx, encoder_onnx, tmp_path):
+    """`ssdd export triton-repo` writes three models (noise-input decoder, seeded graph-noise decoder, encoder)
+    into one repository; the bundled tritonserver 2.51 loads it with each config unchanged except its backend
+    line (onnxruntime -> the Python stand-in above), and answers over HTTP and gRPC with ONNX Runtime's outputs
+    (same graph, one thread each side: equal bit for bit). 12 concurrent single-item requests to the seeded
+    decoder are merged by the dynamic batcher (server-side batches > 1) and each equals its own run."""
+    pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'ssdd-runtime[serve]'")
+    httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ssdd_runtime.serve import TritonServer
+
+    repo = tmp_path / "repo"
+    models = {"ssdd_decoder": decoder_onnx, "ssdd_decoder_seeded": graph_noise_onnx, "ssdd_encoder": encoder_onnx}
+    for name, path in models.items():
+        subprocess.run([sys.executable, "-m", "ssdd_runtime", "export", "triton-repo", "--onnx", str(path),
+                        "--repo", str(repo), "--name", name, "--kind", "KIND_CPU", "--max-batch-size", "4",
+                        "--max-queue-delay-us", "200000"], check=True, capture_output=True, timeout=120)
+        config = repo / name / "config.pbtxt"
+        text = config.read_text()
+        assert text.count('backend: "onnxruntime"') == 1
+        config.write_text(text.replace('backend: "onnxruntime"', 'backend: "python"'))  # the only edit
+        (repo / name / "1" / "model.py").write_text(ORT_STAND_IN)
+        assert (repo / name / "1" / "model.onnx").read_bytes() == Path(path).read_bytes()
+
+    def ort_run(path, feeds):
+        return eo.ort_session(path, threads=1).run(None, feeds)
+
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 3, 5, generator=g).numpy()
+    cases = {"ssdd_decoder": {"latent_sample": z, "noise": torch.randn(2, 3, 24, 40, generator=g).numpy()},
+             "ssdd_decoder_seeded": {"latent_sample": z, "seed": seeds(4, -9)},
+             "ssdd_encoder": {"image": (torch.rand(2, 3, 24, 40, generator=g) * 2 - 1).numpy()}}
+    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log")
+    with server:
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        try:
+            for name, feeds in cases.items():
+                want = ort_run(models[name], feeds)
+                out_names = [o.name for o in eo.ort_session(models[name]).get_outputs()]
+                for client, mod in ((http, httpclient), (grpc, grpcclient)):
+                    inputs = []
+                    for k, v in feeds.items():
+                        t = mod.InferInput(k, list(v.shape), "INT64" if v.dtype == np.int64 else "FP32")
+                        t.set_data_from_numpy(v)
+                        inputs.append(t)
+                    result = client.infer(name, inputs)
+                    for out, ref in zip(out_names, want):
+                        got = result.as_numpy(out)
+                        assert got.shape == ref.shape and (got == ref).all(), f"{name}.{out}: max abs " \
+                            f"{float(abs(got - ref).max()):.2e}"
+
+            def one(i):
+                feeds = {"latent_sample": z[i % 2:i % 2 + 1], "seed": seeds(100 + i)}
+                t = [httpclient.InferInput("latent_sample", [1, 4, 3, 5], "FP32"),
+                     httpclient.InferInput("seed", [1, 1], "INT64")]
+                t[0].set_data_from_numpy(feeds["latent_sample"])
+                t[1].set_data_from_numpy(feeds["seed"])
+                with httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}") as c:
+                    got = c.infer("ssdd_decoder_seeded", t).as_numpy("sample")
+                return got, ort_run(graph_noise_onnx, feeds)[0]
+
+            with ThreadPoolExecutor(12) as pool:
+                for got, ref in pool.map(one, range(12)):
+                    assert (got == ref).all()
+            stats = http.get_inference_statistics("ssdd_decoder_seeded")["model_stats"][0]["batch_stats"]
+            assert max(s["batch_size"] for s in stats) > 1, stats
+        finally:
+            http.close()
+            grpc.close()
+    assert server.proc.returncode == 0 and server.shm_files() == []
