@@ -1,12 +1,14 @@
-"""Render benchmark JSON: a readable table, a matplotlib plot, and the README's results table.
+"""Render benchmark JSON: a readable table, a matplotlib plot, and the results table of the docs site.
 
-    python -m ssdd_runtime.benchmarks.report                 # rewrite README.md's generated table
-    python -m ssdd_runtime.benchmarks.report --check         # exit 1 if README.md is out of date
+    python -m ssdd_runtime.benchmarks.report                 # print the Markdown table of every committed result
+    python -m ssdd_runtime.benchmarks.report --check         # exit 1 if a committed result departs from the schema
+    python -m ssdd_runtime.benchmarks.report --readme F.md   # rewrite the generated table between F.md's markers
     python -m ssdd_runtime.benchmarks.report --print a.json  # print the tables of one result file
 
-The README table is generated from benchmarks/results/*.json only, between the markers below; every row
-carries the device and date of its run. Every file there must follow `schema.SCHEMA` (a file that does not
-is an error naming its problems, not silently left out).
+The results table is generated from benchmarks/results/*.json only: docs/evidence/benchmarks.md renders
+`readme_table(load_results())` when the site is built, so it cannot drift; every row carries the device and
+date of its run. Every file there must follow `schema.SCHEMA` (a file that does not is an error naming its
+problems, not silently left out). `--readme` keeps a copy in any Markdown file between the markers below.
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ def flop_rate(r: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """images/s vs batch, one line per (model, steps, backend, dtype), one panel per resolution."""
+    """One panel per resolution. With one batch size there: bars of images/s, SSDD vs the KL-VAE per backend, each
+    SSDD bar labelled with its same-backend ratio over the KL-VAE. With several: images/s vs batch, one line per
+    (model, steps, backend, dtype)."""
     try:
         import matplotlib
 
@@ -78,20 +82,12 @@ def plot(report: dict, path: str) -> None:
         raise ValueError("nothing to plot: the report has no results")
     fig, axes = plt.subplots(1, len(res), figsize=(5.5 * len(res), 4.2), squeeze=False)
     for ax, (H, W) in zip(axes[0], res):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in report["results"]:
-            if (r["height"], r["width"]) == (H, W):
-                name = f"{r['label']} {r['backend']} {r['dtype']}"
-                series.setdefault(name, []).append((r["batch"], r["images_per_s"]))
-        for name, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch")
-        ax.set_ylabel("images/s")
-        ax.set_title(f"{H}x{W}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        rows = [r for r in report["results"] if (r["height"], r["width"]) == (H, W)]
+        if len({r["batch"] for r in rows}) == 1:
+            _bars(ax, rows, report.get("ratios", []))
+        else:
+            _lines(ax, rows)
+        ax.set_title(f"{H}x{W}, batch {rows[0]['batch']}" if len({r['batch'] for r in rows}) == 1 else f"{H}x{W}")
     env = report["env"]
     fig.suptitle(f"SSDD vs KL-VAE decode, {env['device_name']}, {env['date_utc'][:10]}", fontsize=9)
     fig.tight_layout()
@@ -99,6 +95,56 @@ def plot(report: dict, path: str) -> None:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
+
+
+def _lines(ax, rows: list[dict]) -> None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['label']} {r['backend']} {r['dtype']}", []).append((r["batch"], r["images_per_s"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("images/s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _bars(ax, rows: list[dict], ratios: list[dict]) -> None:
+    """Grouped bars: x = backend (dtype, memory format), one bar per model label; the ratio comes from the
+    report's `ratios` (the same run's interleaved measurement), never recomputed from rounded numbers."""
+    def group(r):
+        cl = " CL" if r.get("memory_format") == "channels_last" else ""
+        return f"{r['backend']}\n{r['dtype']}{cl}"
+
+    groups = sorted({group(r) for r in rows}, key=lambda g: min(-r["images_per_s"] for r in rows if group(r) == g))
+    labels = sorted({r["label"] for r in rows}, key=lambda m: (m == "kl-vae", m))
+    ratio = {(q["ssdd"], q["backend"], q["dtype"], q.get("memory_format", "contiguous"), q["height"], q["width"]):
+             q["ratio_images_per_s"] for q in ratios if q.get("baseline", "kl-vae") == "kl-vae"}
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        xs, ys, texts = [], [], []
+        for i, g in enumerate(groups):
+            r = next((r for r in rows if r["label"] == label and group(r) == g), None)
+            if r is None:
+                continue
+            xs.append(i + (j - (len(labels) - 1) / 2) * width)
+            ys.append(r["images_per_s"])
+            q = ratio.get((r["label"], r["backend"], r["dtype"], r.get("memory_format", "contiguous"),
+                           r["height"], r["width"]))
+            texts.append("" if q is None else f"{q:.2f}x")
+        bars = ax.bar(xs, ys, width=width * 0.95, label=label, color="#8c8c8c" if label == "kl-vae" else None)
+        for bar, text in zip(bars, texts):
+            if text:
+                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=8, fontweight="bold", xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    ax.set_ylabel("images/s (higher is better)")
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, title="on the bars: SSDD images/s / KL-VAE images/s, same backend", title_fontsize=7,
+              loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(labels), frameon=False)
 
 
 def load_results(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
@@ -156,9 +202,10 @@ def update_readme(readme: str, runs: list[tuple[str, dict]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ssdd_runtime.benchmarks.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", default="README.md", help="README to update (default README.md)")
+    ap.add_argument("--readme", help="Markdown file whose generated table (between the markers) is rewritten")
     ap.add_argument("--results", default=RESULTS_DIR, help="folder of result JSON files")
-    ap.add_argument("--check", action="store_true", help="only check that the README table is up to date")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the results (and, with --readme, that its table is up to date)")
     ap.add_argument("--print", dest="print_files", nargs="+", metavar="JSON", help="print the tables of files")
     args = ap.parse_args(argv)
     if args.print_files:
@@ -171,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"report: {e}", file=sys.stderr)
         return 1
+    if args.readme is None:
+        if not args.check:
+            print(readme_table(runs))
+        return 0
     with open(args.readme, encoding="utf-8") as f:
         old = f.read()
     new = update_readme(old, runs)

@@ -272,7 +272,6 @@ def test_profile_breakdown_groups_all_time():
 # -- committed results ------------------------------------------------------------------------------------------
 
 RESULTS = sorted(glob.glob(os.path.join(rp.RESULTS_DIR, "*.json")))
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_results_folder_is_not_empty():
@@ -299,11 +298,47 @@ def test_schema_names_what_is_wrong():
     assert schema.problems({"schema": "old"})[0] == "report.env missing"
 
 
-def test_readme_table_is_generated_from_every_committed_result():
-    assert rp.main(["--readme", str(README), "--check"]) == 0
-    text = README.read_text(encoding="utf-8")
+def test_results_table_is_generated_from_every_committed_result(capsys):
+    """Every committed result follows the schema and is cited in the table that docs/evidence/benchmarks.md
+    renders at build time (test_docs checks the built page)."""
+    assert rp.main(["--check"]) == 0
+    assert rp.main([]) == 0
+    text = capsys.readouterr().out
+    assert RESULTS
     for path in RESULTS:
         assert f"`{os.path.basename(path)}`" in text, path
+
+
+def _plot_report(batches):
+    rows, ratios = [], []
+    for backend, ssdd, vae in (("eager", 0.3, 0.4), ("onnxruntime", 0.5, 0.25)):
+        for b in batches:
+            for label, model, ips in (("ssdd-M@1", "ssdd-M", ssdd * b), ("kl-vae", "kl-vae", vae * b)):
+                rows.append({"label": label, "model": model, "backend": backend, "dtype": "fp32", "batch": b,
+                             "height": 64, "width": 64, "images_per_s": ips, "memory_format": "contiguous"})
+            ratios.append({"ssdd": "ssdd-M@1", "baseline": "kl-vae", "backend": backend, "dtype": "fp32", "batch": b,
+                           "height": 64, "width": 64, "memory_format": "contiguous", "ratio_images_per_s": ssdd / vae})
+    return {"env": {"device_name": "test CPU", "date_utc": "2026-12-08T00:00:00"}, "results": rows, "ratios": ratios}
+
+
+@pytest.mark.parametrize("batches", [[1], [1, 4]])
+def test_plot_bars_with_ratios_for_one_batch_size_lines_for_several(batches, tmp_path, monkeypatch):
+    """One batch size: bars (SSDD and KL-VAE per backend) with the report's ratio written on each SSDD bar.
+    Several: images/s vs batch lines, no bars."""
+    import matplotlib.figure
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    rp.plot(_plot_report(batches), str(tmp_path / "p.png"))
+    (ax,) = figs[0].axes
+    texts = sorted(t.get_text() for t in ax.texts)
+    if len(batches) == 1:
+        assert len(ax.patches) == 4 and not ax.lines
+        assert texts == ["0.75x", "2.00x"]  # 0.3/0.4 on eager, 0.5/0.25 on onnxruntime
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == ["onnxruntime\nfp32", "eager\nfp32"]  # fastest backend first
+    else:
+        assert not ax.patches and len(ax.lines) == 4 and texts == []
 
 
 def test_report_rejects_an_off_schema_file(tmp_path, capsys):
