@@ -113,10 +113,31 @@ def write_shard(path: str | os.PathLike, keys: list[str], labels: list[int], lat
         raise ValueError(f"unknown shard format {fmt!r}; expected one of {FORMATS}")
 
 
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return ValueError(f"shard {path} is not readable ({reason}); delete it and re-run `ssdd tokenize` to "
+                      "write it again")
+
+
 def read_shard(path: str | os.PathLike, fields: tuple[str, ...] | None = None) -> tuple[dict, dict]:
     """A shard -> ({"key": [str], "label": int64 (N,), <latent field>: float32 (N, C, h, w) torch tensors}, info).
-    `fields` limits the latent fields read (default: all present)."""
+    `fields` limits the latent fields read (default: all present). A corrupt or truncated file, or one whose
+    columns disagree in length, raises ValueError naming the file."""
     path = Path(path)
+    try:
+        out, info = _read_shard(path, fields)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise _unreadable(path, e) from e
+    lengths = {name: len(col) for name, col in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"shard {path} is inconsistent: its columns have different lengths {lengths}; delete it "
+                         "and re-run `ssdd tokenize`")
+    return out, info
+
+
+def _read_shard(path: Path, fields: tuple[str, ...] | None) -> tuple[dict, dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -151,9 +172,64 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
     return shards
 
 
+def shard_keys(path: str | os.PathLike) -> tuple[list[str], set[str], dict]:
+    """(keys, latent fields, info) of a shard from its footer/header and key column, without the latents: what
+    a resumed `tokenize` checks a shard against before counting it as done. ValueError naming the file when it
+    is truncated, corrupt or inconsistent (row counts of the columns, keys vs rows)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            f = pq.ParquetFile(path)
+            names = set(f.schema_arrow.names)
+            info = json.loads((f.schema_arrow.metadata or {}).get(b"ssdd", b"{}"))
+            keys = f.read(columns=["key"]).column(0).to_pylist()
+            rows = {"key": len(keys), "metadata": f.metadata.num_rows}
+            dtypes = {n: _leaf_type(f.schema_arrow.field(n).type) for n in names & set(LATENT_FIELDS)}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                names, info = set(f.keys()), json.loads((f.metadata() or {}).get("ssdd", "{}"))
+                keys = info.pop("keys", [])
+                rows = {"key": len(keys), **{n: f.get_slice(n).get_shape()[0] for n in names}}
+                dtypes = {n: f.get_slice(n).get_dtype().lower().replace("f32", "float") for n in names
+                          if n in LATENT_FIELDS}
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise _unreadable(path, e) from e
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"shard {path} is inconsistent: its columns have different lengths {rows}")
+    if not isinstance(info, dict) or "shape" not in info:
+        raise ValueError(f"shard {path} has no ssdd metadata (shape): not written by `ssdd tokenize`")
+    wrong = {n: t for n, t in dtypes.items() if t != "float"}
+    if wrong:  # read as they are, float64/float16 latents would reach training silently in another dtype
+        raise ValueError(f"shard {path}: latent columns must be float32, got {wrong}")
+    return keys, names & set(LATENT_FIELDS), info
+
+
+def _leaf_type(t) -> str:
+    import pyarrow as pa
+
+    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return str(t)
+
+
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     path = Path(directory) / SIDECAR / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"job manifest {path} is not valid JSON ({e}); delete it (the shards are checked again on "
+                         "the next `ssdd tokenize`) or use a new output folder") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"job manifest {path} holds {type(manifest).__name__}, expected a JSON object")
+    return manifest
 
 
 def channel_stats(stats: str | os.PathLike | dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,23 +285,10 @@ def _shard_fields(shards: list[Path]) -> tuple[set[str], list[tuple], list[int]]
     """Latent fields, latent shape and row count of every shard (reads schemas/metadata, not the data)."""
     fields, shapes, sizes = None, [], []
     for p in shards:
-        if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            f = pq.ParquetFile(p)
-            names = set(f.schema_arrow.names)
-            info = json.loads((f.schema_arrow.metadata or {}).get(b"ssdd", b"{}"))
-            n = f.metadata.num_rows
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(p), "pt") as f:
-                names, info = set(f.keys()), json.loads((f.metadata() or {}).get("ssdd", "{}"))
-                n = f.get_slice("label").get_shape()[0]
-        present = names & set(LATENT_FIELDS)
+        keys, present, info = shard_keys(p)
         fields = present if fields is None else fields & present
         shapes.append(tuple(info["shape"]))
-        sizes.append(n)
+        sizes.append(len(keys))
     return fields or set(), shapes, sizes
 
 
@@ -240,6 +303,9 @@ def _select(root, shape) -> tuple[list[Path], set[str], list[int], tuple]:
         shape = found[0]
     keep = [i for i, s in enumerate(shapes) if s == tuple(shape) and sizes[i] > 0]
     if not keep:
+        if tuple(shape) in found:
+            raise ValueError(f"{root}: the shards of latent shape {tuple(shape)} are empty (0 rows: every item "
+                             "failed to encode; their messages are in each shard's metadata 'errors')")
         raise ValueError(f"{root} has no latents of shape {tuple(shape)}; shapes found: {found}")
     return [shards[i] for i in keep], fields, [sizes[i] for i in keep], tuple(shape)
 
