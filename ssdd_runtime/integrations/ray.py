@@ -86,7 +86,8 @@ class Item:
 
 
 def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image", key_column: str | None = None,
-                labels: str = "none", output_dir: str | os.PathLike | None = None) -> tuple[list[Item], list[str] | None]:
+                labels: str = "none", output_dir: str | os.PathLike | None = None
+                ) -> tuple[list[Item], list[str] | None]:
     """Expand folders (recursively: image files and *.parquet), image files and parquet files into items sorted
     by key, and the class names (None when labels are not class names). Parquet rows take their key from
     `key_column` when given, else "<file stem>/<row:08d>".
