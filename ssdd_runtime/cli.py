@@ -612,6 +612,7 @@ def cmd_stats(args) -> int:
         stats = shard_latent_stats(folder)
         output.parent.mkdir(parents=True, exist_ok=True)
     else:
+        checkpoint_source(args)  # flag errors first
         if len(args.inputs) == 1 and folder.is_dir() and not scan_folder(folder):
             raise ValueError(f"{folder} holds no shards (shard-*.parquet / shard-*.safetensors of `ssdd tokenize`) "
                              "and no images: nothing to compute statistics from")
@@ -620,7 +621,6 @@ def cmd_stats(args) -> int:
                              "written by `ssdd tokenize`)")
         if args.output is None:
             raise ValueError("-o/--output is required when encoding images")
-        checkpoint_source(args)
         paths = list_images(args.inputs)
         output = _output_file(args.output, inputs=paths)
         model = load_model(args)
