@@ -187,6 +187,7 @@ def shard_keys(path: str | os.PathLike) -> tuple[list[str], set[str], dict]:
             keys = f.read(columns=["key"]).column(0).to_pylist()
             rows = {"key": len(keys), "metadata": f.metadata.num_rows}
             dtypes = {n: _leaf_type(f.schema_arrow.field(n).type) for n in names & set(LATENT_FIELDS)}
+            dims = {n: _list_sizes(f.schema_arrow.field(n).type) for n in names & set(LATENT_FIELDS)}
         else:
             from safetensors import safe_open
 
@@ -196,6 +197,7 @@ def shard_keys(path: str | os.PathLike) -> tuple[list[str], set[str], dict]:
                 rows = {"key": len(keys), **{n: f.get_slice(n).get_shape()[0] for n in names}}
                 dtypes = {n: f.get_slice(n).get_dtype().lower().replace("f32", "float") for n in names
                           if n in LATENT_FIELDS}
+                dims = {n: list(f.get_slice(n).get_shape()[1:]) for n in names if n in LATENT_FIELDS}
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
             raise
@@ -207,7 +209,20 @@ def shard_keys(path: str | os.PathLike) -> tuple[list[str], set[str], dict]:
     wrong = {n: t for n, t in dtypes.items() if t != "float"}
     if wrong:  # read as they are, float64/float16 latents would reach training silently in another dtype
         raise ValueError(f"shard {path}: latent columns must be float32, got {wrong}")
+    wrong = {n: d for n, d in dims.items() if d != list(info["shape"])}
+    if wrong:
+        raise ValueError(f"shard {path}: its metadata says latent shape {info['shape']}, its columns hold {wrong}")
     return keys, names & set(LATENT_FIELDS), info
+
+
+def _list_sizes(t) -> list[int]:
+    import pyarrow as pa
+
+    sizes = []
+    while pa.types.is_fixed_size_list(t):
+        sizes.append(t.list_size)
+        t = t.value_type
+    return sizes
 
 
 def _leaf_type(t) -> str:

@@ -139,6 +139,15 @@ def test_columns_of_different_lengths_wrong_dtype_and_empty_shards_are_refused_b
               str(f64 / "shard-00000.safetensors"), metadata={"ssdd": json.dumps(info)})
     with pytest.raises(ValueError, match=r"shard-00000.safetensors: latent columns must be float32"):
         sdata.LatentDataset(f64)
+    lying = tmp_path / "lying"
+    write_shard(lying, 0, latents(2, shape=(4, 4, 4)))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(lying / "shard-00000.parquet")
+    info = {**json.loads(table.schema.metadata[b"ssdd"]), "shape": [4, 2, 8]}
+    pq.write_table(table.replace_schema_metadata({"ssdd": json.dumps(info)}), lying / "shard-00000.parquet")
+    with pytest.raises(ValueError, match=r"metadata says latent shape \[4, 2, 8\], its columns hold"):
+        sdata.LatentDataset(lying)  # else it would claim shape (4, 2, 8) for (4, 4, 4) latents
     empty = tmp_path / "empty"
     write_shard(empty, 0, np.zeros((0, 4, 8, 8), np.float32), keys=[])
     with pytest.raises(ValueError, match=r"shape \(4, 8, 8\) are empty \(0 rows"):
@@ -264,3 +273,19 @@ def test_detokenize_writes_the_good_items_and_reports_a_non_finite_latent(ray_lo
     err = one_line_error(ssdd("detokenize", empty, "-o", tmp_path / "p2", "--checkpoint", ckpt, "--address",
                               ray_local), "detokenize")
     assert "hold no latents" in err
+
+
+def test_detokenize_keeps_repeated_keys_apart_and_redoes_a_truncated_png(ray_local, ckpt, tmp_path):
+    from ssdd_runtime.integrations.ray import detokenize
+
+    lat, png = tmp_path / "lat", tmp_path / "png"
+    write_shard(lat, 0, latents(1, seed=1), keys=["dup"])
+    write_shard(lat, 1, latents(1, seed=2), keys=["dup"])  # e.g. two jobs' shards copied into one folder
+    rep = detokenize(lat, png, checkpoint=ckpt, batch_size=2, concurrency=1)
+    assert (rep.total, rep.done, rep.failed) == (2, 2, 0) and sorted(os.listdir(png)) == ["dup-1.png", "dup.png"]
+    a, b = (np.asarray(Image.open(png / n)) for n in ("dup.png", "dup-1.png"))
+    assert not np.array_equal(a, b)  # each latent got its own PNG; none decoded twice, none lost
+    os.truncate(png / "dup.png", 100)  # a copy cut short is not counted as done
+    rep = detokenize(lat, png, checkpoint=ckpt, batch_size=2, concurrency=1)
+    assert (rep.done, rep.skipped) == (1, 1)
+    np.testing.assert_array_equal(np.asarray(Image.open(png / "dup.png")), a)

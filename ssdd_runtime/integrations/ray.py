@@ -367,19 +367,21 @@ class _DecodeActor:
                  backend="torch"):
         self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads, backend)
         self.steps, self.t_pow_shift, self.seed = steps, t_pow_shift, seed
-        self.cached: tuple | None = None  # (shard path, {key: latent})
+        self.cached: tuple | None = None  # (shard path, keys, latents (N, C, h, w))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         pngs, errors = [b""] * n, [""] * n
         latents = []  # (index, (1, C, h, w))
         for i in range(n):
-            shard, key = str(batch["shard_file"][i]), str(batch["key"][i])
+            shard, key, row = str(batch["shard_file"][i]), str(batch["key"][i]), int(batch["row"][i])
             try:
                 if self.cached is None or self.cached[0] != shard:
                     cols = read_shard(shard, ("latent",))[0]
-                    self.cached = (shard, dict(zip(cols["key"], cols["latent"])))
-                latents.append((i, self.cached[1][key][None]))
+                    self.cached = (shard, cols["key"], cols["latent"])
+                if row >= len(self.cached[1]) or self.cached[1][row] != key:
+                    raise ValueError(f"{shard} changed during the job: row {row} is no longer {key!r}")
+                latents.append((i, self.cached[2][row][None]))
             except (OSError, ValueError, KeyError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
         F_ = self.model.stride
@@ -395,7 +397,8 @@ class _DecodeActor:
                 pngs[i] = buf.getvalue()
 
         per_item(latents, decode, errors)
-        return {"key": batch["key"], "png": np.array(pngs, dtype=object), "error": np.array(errors, dtype=object)}
+        return {"id": batch["id"], "key": batch["key"], "png": np.array(pngs, dtype=object),
+                "error": np.array(errors, dtype=object)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -712,29 +715,31 @@ def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     out = Path(output_dir)
     _, ckpt_id, *_ = _resolve(checkpoint, filename, revision)
     report = Report(str(out), checkpoint=ckpt_id)
-    entries = []  # (key, shard)
+    entries = []  # (key, shard, row): the row, not the key, finds a latent (keys may repeat across shards)
     for shard in list_shards(latents_dir):
         cols, info = read_shard(shard, ())
         if info.get("checkpoint") not in (None, ckpt_id):
             log.warning("detokenize: %s was encoded with %s, decoding with %s", shard.name, info["checkpoint"],
                         ckpt_id)
-        entries += [(key, str(shard)) for key in cols["key"]]
+        entries += [(key, str(shard), row) for row, key in enumerate(cols["key"])]
     if not entries:
         raise ValueError(f"the shards in {latents_dir} hold no latents (0 rows: every item failed in tokenize; the "
                          "messages are in each shard's metadata 'errors')")
     entries.sort()
     items = []
-    for (key, shard), name in zip(entries, unique_names([png_name(k) for k, _ in entries])):
+    for (key, shard, row), name in zip(entries, unique_names([png_name(k) for k, *_ in entries])):
         report.total += 1
         try:
             dest = confined_path(out, name)
         except ValueError as e:
             report.fail(key, f"ValueError: {e}", "detokenize")
             continue
-        if dest.exists():
+        if dest.exists() and _png_ok(dest):
             report.skipped += 1
         else:
-            items.append({"key": key, "shard_file": shard, "png_name": str(dest)})
+            if dest.exists():
+                log.warning("detokenize: %s is not a readable PNG; writing it again", dest)
+            items.append({"id": len(items), "key": key, "shard_file": shard, "row": row, "png_name": str(dest)})
     if not items:
         return report
     ray = _start_ray(address, num_cpus)
@@ -742,14 +747,26 @@ def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     ctor = dict(source=str(checkpoint), filename=filename, revision=revision, dtype=dtype, steps=steps,
                 t_pow_shift=t_pow_shift, seed=seed, backend=backend)
     ds = _map(_items_dataset(ray, items, batch_size), ray, _DecodeActor, ctor, batch_size, pool)
-    dest_of = {it["key"]: Path(it["png_name"]) for it in items}
+    dest_of = {it["id"]: Path(it["png_name"]) for it in items}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key, png, err in zip(batch["key"], batch["png"], batch["error"]):
-            key = str(key)
+        for i, key, png, err in zip(batch["id"], batch["key"], batch["png"], batch["error"]):
+            key, dest = str(key), dest_of[int(i)]
             if err:
                 report.fail(key, str(err), "detokenize")
                 continue
-            dest_of[key].parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(dest_of[key], png)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(dest, png)
             report.done += 1
     return report
+
+
+def _png_ok(path: Path) -> bool:
+    """An existing output counts as done only when PIL reads it through (a truncated copy is decoded again)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except _bad_image_errors():
+        return False
