@@ -599,7 +599,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from ssdd_runtime.data import MANIFEST, SIDECAR, STATS, list_shards
+    from ssdd_runtime.data import MANIFEST, SIDECAR, STATS, job_file, list_shards
     from ssdd_runtime.io import scan_folder
     from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats, shard_latent_stats
 
@@ -607,8 +607,11 @@ def cmd_stats(args) -> int:
     shards = len(args.inputs) == 1 and folder.is_dir() and any(
         f.suffix in (".parquet", ".safetensors") for f in folder.glob("shard-*"))
     if shards:
-        job_files = [*list_shards(folder), folder / SIDECAR / MANIFEST]  # never overwritten by -o
-        output = _output_file(args.output, inputs=job_files) if args.output else folder / SIDECAR / STATS
+        default = folder / SIDECAR / STATS
+        output = _output_file(args.output, inputs=[*list_shards(folder), folder / SIDECAR / MANIFEST]
+                              ) if args.output else default
+        if job_file(output, folder) and output.resolve() != default.resolve():  # would pass for a shard later
+            raise ValueError(f"-o {output} is a name the shards' job owns (shard-* or .ssdd/); write elsewhere")
         stats = shard_latent_stats(folder)
         output.parent.mkdir(parents=True, exist_ok=True)
     else:

@@ -162,6 +162,14 @@ def _read_shard(path: Path, fields: tuple[str, ...] | None) -> tuple[dict, dict]
     raise ValueError(f"{path}: not a shard (.parquet or .safetensors)")
 
 
+def job_file(path: str | os.PathLike, output_dir: str | os.PathLike) -> bool:
+    """Whether `path` is (or would be) a file of the tokenize job in `output_dir`: a `shard-*` data file or
+    anything under its `.ssdd` folder. Such paths are never scanned as inputs nor written by other commands."""
+    parts = Path(os.path.relpath(Path(path).resolve(), Path(output_dir).resolve())).parts
+    return bool(parts) and parts[0] != ".." and (parts[0] == SIDECAR or (
+        len(parts) == 1 and parts[0].startswith("shard-") and Path(parts[0]).suffix[1:] in FORMATS))
+
+
 def list_shards(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():

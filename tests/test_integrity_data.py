@@ -179,6 +179,58 @@ def test_per_item_runs_a_failing_batch_one_item_at_a_time():
         per_item(items, lambda index, x: (_ for _ in ()).throw(MemoryError()), [""] * 4)
 
 
+def test_stats_refuses_mixed_channels_mixed_checkpoints_and_a_shard_named_output(tmp_path):
+    from ssdd_runtime.integrations.latent_stats import shard_latent_stats
+
+    mixed = tmp_path / "mixed"
+    write_shard(mixed, 0, latents(2, shape=(4, 4, 4)))
+    write_shard(mixed, 1, latents(2, shape=(16, 2, 2)))  # 64 values per item too: a reshape would not notice
+    with pytest.raises(ValueError, match=r"shard .*shard-00001.parquet holds 16-channel latents"):
+        shard_latent_stats(mixed)
+    two = tmp_path / "two"
+    write_shard(two, 0, latents(2))
+    write_shard(two, 1, latents(2), checkpoint="other@sha256:1")
+    with pytest.raises(ValueError, match="come from different checkpoints"):
+        shard_latent_stats(two)
+    lat = tmp_path / "lat"
+    write_shard(lat, 0, latents(2))
+    err = one_line_error(ssdd("stats", lat, "-o", lat / "shard-00009.parquet"), "stats")
+    assert "a name the shards' job owns" in err and sorted(os.listdir(lat)) == ["shard-00000.parquet"]
+
+
+def test_the_jobs_own_files_are_not_inputs_through_a_symlinked_output(tmp_path):
+    from ssdd_runtime.integrations.ray import list_inputs
+
+    src = make_images(tmp_path / "imgs", n=2)
+    write_shard(src / "lat", 0, latents(1))
+    (src / "lat" / ".ssdd").mkdir()
+    (src / "lat" / ".ssdd" / "manifest.json").write_text("{}")
+    (tmp_path / "link").symlink_to(src / "lat")
+    items, _ = list_inputs(src, output_dir=tmp_path / "link")
+    assert [it.key for it in items] == ["img0.png", "img1.png"]
+    with pytest.raises(ValueError, match="no image column"):  # without output_dir the shard is read as an input
+        list_inputs(src)
+
+
+def test_an_interrupted_shard_write_leaves_nothing_and_a_bad_manifest_is_named(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def cut(table, where, **kw):
+        with open(where, "wb") as f:
+            f.write(b"PAR1 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", cut)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(tmp_path, 0, latents(2))
+    assert os.listdir(tmp_path) == []  # no shard-00000.parquet to be taken as done, no temp file
+    monkeypatch.undo()
+    (tmp_path / ".ssdd").mkdir()
+    (tmp_path / ".ssdd" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"manifest.json holds list, expected a JSON object"):
+        sdata.read_manifest(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ray jobs on one local cluster
 

@@ -84,6 +84,8 @@ class LatentStats:
             self.m2 = torch.zeros(self.channels, dtype=torch.float64)
 
     def update(self, z: torch.Tensor) -> None:  # z: (B, C, h, w)
+        if z.dim() != 4 or z.shape[1] != self.channels:  # a reshape would mix channels silently
+            raise ValueError(f"expected latents (B, {self.channels}, h, w), got {tuple(z.shape)}")
         v = z.detach().double().cpu().transpose(0, 1).reshape(self.channels, -1)  # (C, N)
         n = v.shape[1]
         if n == 0:
@@ -120,9 +122,12 @@ def shard_latent_stats(folder: str | os.PathLike) -> dict:
     `folder` (no re-encoding; flipped copies and log-variances are not included)."""
     from ssdd_runtime.data import list_shards, read_manifest, read_shard
 
-    acc, num, non_finite = None, 0, {}
+    acc, num, non_finite, sources = None, 0, {}, {}
     for path in list_shards(folder):
-        cols = read_shard(path, ("latent",))[0]
+        cols, info = read_shard(path, ("latent",))
+        sources.setdefault(info.get("checkpoint"), path.name)
+        if len(sources) > 1:  # statistics of two tokenizers' latents describe neither
+            raise ValueError(f"the shards in {folder} come from different checkpoints: {sources}")
         z = cols["latent"]
         finite = torch.isfinite(z.flatten(1)).all(1) if len(z) else torch.ones(0, dtype=torch.bool)
         for key in (k for k, ok in zip(cols["key"], finite.tolist()) if not ok):  # skipped and counted, not averaged
@@ -131,6 +136,9 @@ def shard_latent_stats(folder: str | os.PathLike) -> dict:
         if acc is None and len(z):
             acc = LatentStats(z.shape[1])
         if len(z):
+            if z.shape[1] != acc.channels:
+                raise ValueError(f"shard {path} holds {z.shape[1]}-channel latents, the other shards "
+                                 f"{acc.channels}-channel ones")
             acc.update(z)
             num += len(z)
     if acc is None:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ssdd_runtime.checks import check_sampler_args
-from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, list_shards, read_manifest,
+from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, job_file, list_shards, read_manifest,
                                read_shard, shard_keys, shard_path, write_shard)
 from ssdd_runtime.io import (IMAGE_SUFFIXES, adm_center_crop, center_crop, confined_path,
                              pil_to_tensor, same_shape_batches, scan_folder, tensor_to_pil, unique_names,
@@ -107,7 +107,7 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
         p = Path(src)
         if p.is_dir():
             for f in scan_folder(p, IMAGE_SUFFIXES + (".parquet",)):
-                if output_dir is not None and _job_file(f, Path(output_dir)):
+                if output_dir is not None and job_file(f, output_dir):
                     continue
                 rel = f.relative_to(p).as_posix()
                 folder = rel.split("/")[0] if "/" in rel else None
@@ -146,13 +146,6 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
         return [Item(it.key, it.path, it.row, index[r]) for it, r in found], classes
     kinds = sorted({type(r).__name__ for r in raws})
     raise ValueError(f"--labels {labels}: labels must be all integers or all strings, got {kinds}")
-
-
-def _job_file(f: Path, out: Path) -> bool:
-    """A shard or `.ssdd` file of the job writing to `out`."""
-    parts = Path(os.path.relpath(f.resolve(), out.resolve())).parts
-    return parts[0] != ".." and (parts[0] == SIDECAR or (len(parts) == 1 and f.name.startswith("shard-")
-                                                         and f.suffix[1:] in FORMATS))
 
 
 def _parquet_items(path: Path, prefix: str, image_column: str, key_column: str | None,
