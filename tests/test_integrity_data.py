@@ -341,3 +341,27 @@ def test_detokenize_keeps_repeated_keys_apart_and_redoes_a_truncated_png(ray_loc
     rep = detokenize(lat, png, checkpoint=ckpt, batch_size=2, concurrency=1)
     assert (rep.done, rep.skipped) == (1, 1)
     np.testing.assert_array_equal(np.asarray(Image.open(png / "dup.png")), a)
+
+
+def test_the_wait_for_actors_is_bounded(ray_local, ckpt, tmp_path, monkeypatch):
+    """Resources that pass the up-front check but are taken (here by another actor holding both CPUs): the pool's
+    start is bounded by ACTOR_START_TIMEOUT_S instead of waiting forever."""
+    import time
+
+    from ssdd_runtime.integrations import ray as sray
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self):
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    monkeypatch.setattr(sray, "ACTOR_START_TIMEOUT_S", 5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="Timed out while starting actors"):
+            tokenize(make_images(tmp_path / "imgs", n=1), tmp_path / "lat", ckpt)
+    finally:
+        ray.kill(hog)
+    assert time.monotonic() - t0 < 90 and not list((tmp_path / "lat").glob("shard-*"))
