@@ -262,6 +262,8 @@ def channel_stats(stats: str | os.PathLike | dict) -> tuple[torch.Tensor, torch.
         raise ValueError(f"latent stats must hold per-channel 'latents_mean' and 'latents_std' (from `ssdd stats`), "
                          f"got keys {sorted(d)}")
     mean, std = (torch.tensor(d[k], dtype=torch.float32) for k in ("latents_mean", "latents_std"))
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):  # would turn every latent into NaN
+        raise ValueError(f"latents_mean/latents_std must be finite, got {d['latents_mean']} / {d['latents_std']}")
     if mean.shape != std.shape or mean.dim() != 1 or not bool((std > 0).all()):
         raise ValueError(f"latents_mean/latents_std must be equal-length lists with std > 0, got {d['latents_mean']}"
                          f" / {d['latents_std']}")

@@ -154,6 +154,15 @@ def test_columns_of_different_lengths_wrong_dtype_and_empty_shards_are_refused_b
         sdata.LatentDataset(empty)
 
 
+def test_non_finite_normalisation_numbers_are_refused():
+    from ssdd_runtime.integrations.latent_stats import latent_normalization
+
+    with pytest.raises(ValueError, match="latents_mean/latents_std must be finite"):
+        sdata.channel_stats({"latents_mean": [0.0, float("nan")], "latents_std": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="shift_factor must be a finite number"):
+        latent_normalization(stats={"scaling_factor": 1.0, "shift_factor": float("nan")})
+
+
 def test_big_endian_npy_latents_are_read_in_native_order(tmp_path):
     z = latents(2)
     np.save(tmp_path / "be.npy", z.astype(">f4"))

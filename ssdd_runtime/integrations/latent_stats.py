@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ def latent_normalization(*, stats: str | os.PathLike | dict | None = None, scali
         shift = float(shift_factor)
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"scaling_factor must be a positive finite number, got {scale!r}")
+    if not math.isfinite(shift):
+        raise ValueError(f"shift_factor must be a finite number, got {shift!r}")
     return scale, shift
 
 
