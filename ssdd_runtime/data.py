@@ -101,7 +101,7 @@ def write_shard(path: str | os.PathLike, keys: list[str], labels: list[int], lat
                      for name, z in latents.items()})
         table = pa.table(cols).replace_schema_metadata({"ssdd": json.dumps(info)})
         with atomic_output(path) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, write_page_checksum=True)  # a CRC per page: corruption is found on read
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -143,7 +143,7 @@ def _read_shard(path: Path, fields: tuple[str, ...] | None) -> tuple[dict, dict]
 
         schema = pq.read_schema(path)
         names = [n for n in LATENT_FIELDS if n in schema.names and (fields is None or n in fields)]
-        table = pq.read_table(path, columns=["key", "label", *names])
+        table = pq.read_table(path, columns=["key", "label", *names], page_checksum_verification=True)
         info = json.loads((table.schema.metadata or {}).get(b"ssdd", b"{}"))
         out = {"key": table.column("key").to_pylist(),
                "label": torch.from_numpy(table.column("label").to_numpy().astype(np.int64))}
@@ -180,16 +180,19 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
     return shards
 
 
-def shard_keys(path: str | os.PathLike) -> tuple[list[str], set[str], dict]:
-    """(keys, latent fields, info) of a shard from its footer/header and key column, without the latents: what
-    a resumed `tokenize` checks a shard against before counting it as done. ValueError naming the file when it
-    is truncated, corrupt or inconsistent (row counts of the columns, keys vs rows)."""
+def shard_keys(path: str | os.PathLike, *, check_data: bool = False) -> tuple[list[str], set[str], dict]:
+    """(keys, latent fields, info) of a shard from its footer/header and key column: what a resumed `tokenize`
+    checks a shard against before counting it as done. ValueError naming the file when it is truncated, corrupt
+    or inconsistent (row counts of the columns, keys vs rows, dtype, shape). check_data=True also reads every
+    page of a parquet shard against its CRC (shards written since page checksums; safetensors have none)."""
     path = Path(path)
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(path, page_checksum_verification=True)
+            if check_data:
+                f.read()
             names = set(f.schema_arrow.names)
             info = json.loads((f.schema_arrow.metadata or {}).get(b"ssdd", b"{}"))
             keys = f.read(columns=["key"]).column(0).to_pylist()

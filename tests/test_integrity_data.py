@@ -104,6 +104,23 @@ def test_stats_on_an_empty_folder_says_it_is_empty(tmp_path):
     assert "no shards" in err and "no images" in err and "--checkpoint" not in err
 
 
+def zero_middle(path, n=512):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 3
+    data[mid:mid + n] = bytes(n)
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_corrupted_in_place_is_found_not_read_as_zeros(tmp_path):
+    z = latents(8, shape=(4, 16, 16))
+    write_shard(tmp_path, 0, z)
+    zero_middle(tmp_path / "shard-00000.parquet", 4096)  # size and footer unchanged
+    with pytest.raises(ValueError, match=r"shard-00000.parquet is not readable \(.*CRC"):
+        sdata.read_shard(tmp_path / "shard-00000.parquet")
+    with pytest.raises(ValueError, match=r"shard-00000.parquet is not readable"):
+        sdata.LatentDataset(tmp_path)[0]
+
+
 def test_corrupt_shards_and_manifest_are_named_everywhere(tmp_path):
     lat = tmp_path / "lat"
     write_shard(lat, 0, latents(2))
@@ -275,6 +292,10 @@ def test_resume_redoes_a_truncated_shard_and_refuses_another_jobs_shards(ray_loc
     again = sdata.read_shard(out / "shard-00000.parquet")[0]
     assert again["key"] == good["key"]
     torch.testing.assert_close(again["latent"], good["latent"], rtol=0, atol=0)
+    zero_middle(out / "shard-00001.parquet")  # same size, footer intact, latent pages zeroed
+    rep = tokenize(src, out, ckpt)
+    assert rep.shards_redone == [1] and rep.shards_skipped == [0]
+    assert len(sdata.read_shard(out / "shard-00001.parquet")[0]["key"]) == 1
 
     # the manifest deleted, then a re-run with other options: the shards are not claimed as done
     manifest = out / ".ssdd" / "manifest.json"

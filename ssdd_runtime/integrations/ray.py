@@ -662,7 +662,7 @@ def _verify_shard(path: Path, shape: tuple, items: list[Item], fields: list[str]
     broken (truncated, unreadable, rows missing): it is written again; ValueError when it is another job's
     (other options or items): refused, never mixed in and never overwritten."""
     try:
-        keys, present, got = shard_keys(path)
+        keys, present, got = shard_keys(path, check_data=True)
     except ValueError as e:
         return str(e)
     differ = {k: (got.get(k), v) for k, v in info.items() if got.get(k) != v}
