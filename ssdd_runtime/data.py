@@ -19,7 +19,8 @@ Latent columns are nested fixed-size lists, fixed_size_list<fixed_size_list<fixe
 datasets 5.2 raises "Arrow type extension<arrow.fixed_shape_tensor...> does not have a datasets dtype
 equivalent" on it. `latent_array(column)` turns a latent column (pyarrow) into one (N, C, h, w) numpy array
 without a copy. The schema metadata key b"ssdd" holds JSON: checkpoint id, encoder, shape, store, flip,
-resolution, classes, and "errors" {key: message} for the shard's items that failed.
+resolution, classes, and "errors" {key: message} for the shard's items that failed. Pages carry CRCs
+(`write_page_checksum`), verified on every read here: a shard corrupted in place raises, naming the file.
 Safetensors shards (`--format safetensors`) hold the same fields stacked: latent (N, C, h, w), label (N,), ...,
 with the keys and the same info in the metadata (LightningDiT's layout of `latents`/`latents_flip`/`labels`).
 """

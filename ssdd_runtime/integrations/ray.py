@@ -8,7 +8,8 @@ Flow of `tokenize` (the same for one machine and a multi-node cluster):
    LightningDiT `extract_features.py`); without it each image keeps its size, center-cropped to multiples of the
    encoder stride, and the driver reads every image header first so that items are grouped by latent shape:
    each shard holds one shape. Shards are cut from the shape groups, `shard_size` items each.
-3. Shards whose file exists are skipped (files are renamed into place complete): re-running resumes a job.
+3. Shards whose file exists and passes `_verify_shard` are skipped: re-running resumes a job. A truncated or
+   corrupt shard is written again; one of another job (options, items, shape) is refused, never overwritten.
 4. The items of the missing shards go through `Dataset.map_batches` with an actor pool: each actor loads the
    model once, uses the CPUs it is given (`torch.set_num_threads(num_cpus_per_actor)`), reads and decodes its
    images and encodes them (and their horizontal flips with `flip=True`) with `model.encode`: the mean, and
@@ -17,8 +18,8 @@ Flow of `tokenize` (the same for one machine and a multi-node cluster):
    Only the driver writes, so OUTDIR needs no shared filesystem; the inputs and a local `--checkpoint` must be
    readable by every node (or use `--repo` so each node downloads the checkpoint into its own HF cache).
 
-Bad items (unreadable file, not an image, decompression bomb, missing HF path, image smaller than the stride)
-never stop the job: each is recorded with its message (shard metadata "errors", or the manifest "errors" for
+Bad items (unreadable file, not an image, decompression bomb, missing HF path, image smaller than the stride,
+a latent or image the model refuses: `per_item`) never stop the job: each is recorded with its message (shard metadata "errors", or the manifest "errors" for
 items whose header could not be read while planning), counted in the report and logged; data shards hold
 only good rows, so a training loop never meets a null latent.
 
