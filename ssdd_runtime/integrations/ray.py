@@ -19,9 +19,10 @@ Flow of `tokenize` (the same for one machine and a multi-node cluster):
    readable by every node (or use `--repo` so each node downloads the checkpoint into its own HF cache).
 
 Bad items (unreadable file, not an image, decompression bomb, missing HF path, image smaller than the stride,
-a latent or image the model refuses: `per_item`) never stop the job: each is recorded with its message (shard metadata "errors", or the manifest "errors" for
-items whose header could not be read while planning), counted in the report and logged; data shards hold
-only good rows, so a training loop never meets a null latent.
+a latent or image the model refuses: `per_item`) never stop the job: each is recorded with its message
+(shard metadata "errors", or the manifest "errors" for items whose header could not be read while planning),
+counted in the report and logged; data shards hold only good rows, so a training loop never meets a null
+latent.
 
 ray is imported inside the functions that need it (`pip install 'ssdd-runtime[ray]'`); this module's name does
 not shadow the real package because every import here is absolute.
