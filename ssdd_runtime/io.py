@@ -139,7 +139,7 @@ def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike]
     real = p.resolve()
     for i in inputs:
         if real == Path(i).resolve() or (p.exists() and _same_file(p, i)):
-            raise ValueError(f"{flag} {path} is one of the inputs ({i}); refusing to overwrite it")
+            raise ValueError(f"{flag} {path} is one of the inputs; refusing to overwrite it (it is {i})")
     for r in reserved:
         if real == Path(r).resolve() or real.is_relative_to(Path(r).resolve()):
             raise ValueError(f"{flag} {path} is inside {r}, which holds the input job's own files; refusing to "
