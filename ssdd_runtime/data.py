@@ -312,9 +312,12 @@ class _Transform:
 
 def _shard_fields(shards: list[Path]) -> tuple[set[str], list[tuple], list[int]]:
     """Latent fields, latent shape and row count of every shard (reads schemas/metadata, not the data)."""
-    fields, shapes, sizes = None, [], []
+    fields, shapes, sizes, sources = None, [], [], {}
     for p in shards:
         keys, present, info = shard_keys(p)
+        sources.setdefault(info.get("checkpoint"), p.name)
+        if len(sources) > 1:  # two tokenizers' latents in one dataset: a model would train on both spaces
+            raise ValueError(f"the shards in {p.parent} come from different checkpoints: {sources}")
         fields = present if fields is None else fields & present
         shapes.append(tuple(info["shape"]))
         sizes.append(len(keys))

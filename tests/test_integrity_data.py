@@ -216,7 +216,13 @@ def test_stats_refuses_mixed_channels_mixed_checkpoints_and_a_shard_named_output
     two = tmp_path / "two"
     write_shard(two, 0, latents(2))
     write_shard(two, 1, latents(2), checkpoint="other@sha256:1")
-    with pytest.raises(ValueError, match="come from different checkpoints"):
+    for fn in (shard_latent_stats, sdata.LatentDataset):
+        with pytest.raises(ValueError, match="come from different checkpoints"):
+            fn(two)
+    (two / "shard-00001.parquet").unlink()
+    (two / ".ssdd").mkdir()
+    (two / ".ssdd" / "manifest.json").write_text('{"checkpoint": "other@sha256:1", "errors": {}}')
+    with pytest.raises(ValueError, match="the manifest belongs to another job"):  # else stats name the wrong one
         shard_latent_stats(two)
     lat = tmp_path / "lat"
     write_shard(lat, 0, latents(2))

@@ -148,6 +148,9 @@ def shard_latent_stats(folder: str | os.PathLike) -> dict:
         raise ValueError(f"the shards in {folder} hold no finite latents"
                          + (f" ({len(non_finite)} non-finite skipped)" if non_finite else ""))
     manifest = read_manifest(folder) or {}
+    if manifest.get("checkpoint") not in (None, *sources):
+        raise ValueError(f"the manifest of {folder} names checkpoint {manifest['checkpoint']}, its shards were "
+                         f"encoded with {next(iter(sources))}: the manifest belongs to another job")
     errors = {**manifest.get("errors", {}), **non_finite}
     out = acc.summary()
     out.update(num_images=num, num_errors=len(errors), num_non_finite=len(non_finite), errors=errors,
