@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ssdd_runtime.api import BACKENDS, MAX_STEPS, SSDD, check_device
-from ssdd_runtime.io import (atomic_output, atomic_output_folder, confined_path, list_images, load_image,
-                             load_latents, psnr, same_shape_batches, save_image, save_latents, unique_names,
-                             write_text_atomic)
+from ssdd_runtime.io import (atomic_output, atomic_output_folder, check_output, confined_path, list_images,
+                             load_image, load_latents, psnr, same_shape_batches, save_image, save_latents,
+                             unique_names, write_text_atomic)
 from ssdd_runtime.latents import check_latent_metadata, latent_metadata
 from ssdd_runtime.sampler import T_POW_SHIFT
 
@@ -418,9 +418,10 @@ def _ray_flags() -> argparse.ArgumentParser:
 # -- outputs: checked before any work, written through io's atomic writer ------------------------------------
 
 
-def _output_file(path: str, *, inputs=(), suffixes=None, flag: str = "-o") -> Path:
-    """Check an output file path before any work: not a folder, its folder exists and is writable, not one of
-    the inputs, an allowed suffix. The file itself is written later with io.atomic_output."""
+def _output_file(path: str, *, inputs=(), reserved=(), suffixes=None, flag: str = "-o") -> Path:
+    """Check an output file path before any work: not a folder, its folder exists and is writable, an allowed
+    suffix, not one of the inputs nor inside a job's own files (io.check_output). The file itself is written
+    later with io.atomic_output."""
     p = Path(path)
     if suffixes is not None and p.suffix not in suffixes:
         raise ValueError(f"{flag} {path}: unknown file type {p.suffix!r}; use {', '.join(suffixes)}")
@@ -431,9 +432,7 @@ def _output_file(path: str, *, inputs=(), suffixes=None, flag: str = "-o") -> Pa
         raise FileNotFoundError(f"{flag} {path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {path}: output folder {folder} is not writable")
-    if p.exists() and any(_same_file(p, i) for i in inputs):
-        raise ValueError(f"{flag} {path} is one of the inputs; refusing to overwrite it")
-    return p
+    return check_output(p, inputs=inputs, reserved=reserved, flag=flag)
 
 
 def _output_dir(path: str, *, flag: str = "-o") -> Path:
@@ -448,13 +447,6 @@ def _output_dir(path: str, *, flag: str = "-o") -> Path:
         raise PermissionError(f"{flag} {path}: {existing} is not writable")
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def _same_file(a: Path, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _output_paths(out: Path, names: list[str], *, inputs=()) -> list[Path]:
@@ -607,30 +599,38 @@ def cmd_demo(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from ssdd_runtime.data import SIDECAR, STATS
+    from ssdd_runtime.data import MANIFEST, SIDECAR, STATS, job_file, list_shards
+    from ssdd_runtime.io import scan_folder
     from ssdd_runtime.integrations.latent_stats import checkpoint_id, compute_latent_stats, shard_latent_stats
 
     folder = Path(args.inputs[0])
     shards = len(args.inputs) == 1 and folder.is_dir() and any(
         f.suffix in (".parquet", ".safetensors") for f in folder.glob("shard-*"))
     if shards:
-        output = _output_file(args.output) if args.output else folder / SIDECAR / STATS
+        default = folder / SIDECAR / STATS
+        output = _output_file(args.output, inputs=[*list_shards(folder), folder / SIDECAR / MANIFEST]
+                              ) if args.output else default
+        if job_file(output, folder) and output.resolve() != default.resolve():  # would pass for a shard later
+            raise ValueError(f"-o {output} is a name the shards' job owns (shard-* or .ssdd/); write elsewhere")
         stats = shard_latent_stats(folder)
         output.parent.mkdir(parents=True, exist_ok=True)
     else:
+        checkpoint_source(args)  # flag errors first
+        if len(args.inputs) == 1 and folder.is_dir() and not scan_folder(folder):
+            raise ValueError(f"{folder} holds no shards (shard-*.parquet / shard-*.safetensors of `ssdd tokenize`) "
+                             "and no images: nothing to compute statistics from")
         if args.checkpoint is None and args.repo is None:
             raise ValueError("encoding images needs --checkpoint PATH or --repo ID --filename F (or give one folder "
                              "written by `ssdd tokenize`)")
         if args.output is None:
             raise ValueError("-o/--output is required when encoding images")
-        checkpoint_source(args)
         paths = list_images(args.inputs)
         output = _output_file(args.output, inputs=paths)
         model = load_model(args)
         stats = compute_latent_stats(model, paths, batch_size=args.batch_size)
         if model.checkpoint:
             stats["checkpoint"] = checkpoint_id(model.checkpoint)
-    write_text_atomic(output, json.dumps(stats, indent=1))
+    write_text_atomic(output, json.dumps(stats, indent=1, allow_nan=False))  # never a NaN statistic on disk
     print(f"{stats['num_images']} {'latents' if shards else 'images'} ({stats['num_errors']} unreadable): latent "
           f"mean {stats['mean']:.6g}, std {stats['std']:.6g} -> scaling_factor {stats['scaling_factor']:.6g}, "
           f"shift_factor {stats['shift_factor']:.6g}; wrote {output}")

@@ -19,7 +19,8 @@ Latent columns are nested fixed-size lists, fixed_size_list<fixed_size_list<fixe
 datasets 5.2 raises "Arrow type extension<arrow.fixed_shape_tensor...> does not have a datasets dtype
 equivalent" on it. `latent_array(column)` turns a latent column (pyarrow) into one (N, C, h, w) numpy array
 without a copy. The schema metadata key b"ssdd" holds JSON: checkpoint id, encoder, shape, store, flip,
-resolution, classes, and "errors" {key: message} for the shard's items that failed.
+resolution, classes, and "errors" {key: message} for the shard's items that failed. Pages carry CRCs
+(`write_page_checksum`), verified on every read here: a shard corrupted in place raises, naming the file.
 Safetensors shards (`--format safetensors`) hold the same fields stacked: latent (N, C, h, w), label (N,), ...,
 with the keys and the same info in the metadata (LightningDiT's layout of `latents`/`latents_flip`/`labels`).
 """
@@ -101,7 +102,7 @@ def write_shard(path: str | os.PathLike, keys: list[str], labels: list[int], lat
                      for name, z in latents.items()})
         table = pa.table(cols).replace_schema_metadata({"ssdd": json.dumps(info)})
         with atomic_output(path) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, write_page_checksum=True)  # a CRC per page: corruption is found on read
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -113,16 +114,37 @@ def write_shard(path: str | os.PathLike, keys: list[str], labels: list[int], lat
         raise ValueError(f"unknown shard format {fmt!r}; expected one of {FORMATS}")
 
 
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return ValueError(f"shard {path} is not readable ({reason}); delete it and re-run `ssdd tokenize` to "
+                      "write it again")
+
+
 def read_shard(path: str | os.PathLike, fields: tuple[str, ...] | None = None) -> tuple[dict, dict]:
     """A shard -> ({"key": [str], "label": int64 (N,), <latent field>: float32 (N, C, h, w) torch tensors}, info).
-    `fields` limits the latent fields read (default: all present)."""
+    `fields` limits the latent fields read (default: all present). A corrupt or truncated file, or one whose
+    columns disagree in length, raises ValueError naming the file."""
     path = Path(path)
+    try:
+        out, info = _read_shard(path, fields)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise _unreadable(path, e) from e
+    lengths = {name: len(col) for name, col in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"shard {path} is inconsistent: its columns have different lengths {lengths}; delete it "
+                         "and re-run `ssdd tokenize`")
+    return out, info
+
+
+def _read_shard(path: Path, fields: tuple[str, ...] | None) -> tuple[dict, dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         schema = pq.read_schema(path)
         names = [n for n in LATENT_FIELDS if n in schema.names and (fields is None or n in fields)]
-        table = pq.read_table(path, columns=["key", "label", *names])
+        table = pq.read_table(path, columns=["key", "label", *names], page_checksum_verification=True)
         info = json.loads((table.schema.metadata or {}).get(b"ssdd", b"{}"))
         out = {"key": table.column("key").to_pylist(),
                "label": torch.from_numpy(table.column("label").to_numpy().astype(np.int64))}
@@ -141,6 +163,14 @@ def read_shard(path: str | os.PathLike, fields: tuple[str, ...] | None = None) -
     raise ValueError(f"{path}: not a shard (.parquet or .safetensors)")
 
 
+def job_file(path: str | os.PathLike, output_dir: str | os.PathLike) -> bool:
+    """Whether `path` is (or would be) a file of the tokenize job in `output_dir`: a `shard-*` data file or
+    anything under its `.ssdd` folder. Such paths are never scanned as inputs nor written by other commands."""
+    parts = Path(os.path.relpath(Path(path).resolve(), Path(output_dir).resolve())).parts
+    return bool(parts) and parts[0] != ".." and (parts[0] == SIDECAR or (
+        len(parts) == 1 and parts[0].startswith("shard-") and Path(parts[0]).suffix[1:] in FORMATS))
+
+
 def list_shards(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
@@ -151,9 +181,82 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
     return shards
 
 
+def shard_keys(path: str | os.PathLike, *, check_data: bool = False) -> tuple[list[str], set[str], dict]:
+    """(keys, latent fields, info) of a shard from its footer/header and key column: what a resumed `tokenize`
+    checks a shard against before counting it as done. ValueError naming the file when it is truncated, corrupt
+    or inconsistent (row counts of the columns, keys vs rows, dtype, shape). check_data=True also reads every
+    page of a parquet shard against its CRC (shards written since page checksums; safetensors have none)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            f = pq.ParquetFile(path, page_checksum_verification=True)
+            if check_data:
+                f.read()
+            names = set(f.schema_arrow.names)
+            info = json.loads((f.schema_arrow.metadata or {}).get(b"ssdd", b"{}"))
+            keys = f.read(columns=["key"]).column(0).to_pylist()
+            rows = {"key": len(keys), "metadata": f.metadata.num_rows}
+            dtypes = {n: _leaf_type(f.schema_arrow.field(n).type) for n in names & set(LATENT_FIELDS)}
+            dims = {n: _list_sizes(f.schema_arrow.field(n).type) for n in names & set(LATENT_FIELDS)}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                names, info = set(f.keys()), json.loads((f.metadata() or {}).get("ssdd", "{}"))
+                keys = info.pop("keys", [])
+                rows = {"key": len(keys), **{n: f.get_slice(n).get_shape()[0] for n in names}}
+                dtypes = {n: f.get_slice(n).get_dtype().lower().replace("f32", "float") for n in names
+                          if n in LATENT_FIELDS}
+                dims = {n: list(f.get_slice(n).get_shape()[1:]) for n in names if n in LATENT_FIELDS}
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise _unreadable(path, e) from e
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"shard {path} is inconsistent: its columns have different lengths {rows}")
+    if not isinstance(info, dict) or "shape" not in info:
+        raise ValueError(f"shard {path} has no ssdd metadata (shape): not written by `ssdd tokenize`")
+    wrong = {n: t for n, t in dtypes.items() if t != "float"}
+    if wrong:  # read as they are, float64/float16 latents would reach training silently in another dtype
+        raise ValueError(f"shard {path}: latent columns must be float32, got {wrong}")
+    wrong = {n: d for n, d in dims.items() if d != list(info["shape"])}
+    if wrong:
+        raise ValueError(f"shard {path}: its metadata says latent shape {info['shape']}, its columns hold {wrong}")
+    return keys, names & set(LATENT_FIELDS), info
+
+
+def _list_sizes(t) -> list[int]:
+    import pyarrow as pa
+
+    sizes = []
+    while pa.types.is_fixed_size_list(t):
+        sizes.append(t.list_size)
+        t = t.value_type
+    return sizes
+
+
+def _leaf_type(t) -> str:
+    import pyarrow as pa
+
+    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return str(t)
+
+
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     path = Path(directory) / SIDECAR / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"job manifest {path} is not valid JSON ({e}); delete it (the shards are checked again on "
+                         "the next `ssdd tokenize`) or use a new output folder") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"job manifest {path} holds {type(manifest).__name__}, expected a JSON object")
+    return manifest
 
 
 def channel_stats(stats: str | os.PathLike | dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +266,8 @@ def channel_stats(stats: str | os.PathLike | dict) -> tuple[torch.Tensor, torch.
         raise ValueError(f"latent stats must hold per-channel 'latents_mean' and 'latents_std' (from `ssdd stats`), "
                          f"got keys {sorted(d)}")
     mean, std = (torch.tensor(d[k], dtype=torch.float32) for k in ("latents_mean", "latents_std"))
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):  # would turn every latent into NaN
+        raise ValueError(f"latents_mean/latents_std must be finite, got {d['latents_mean']} / {d['latents_std']}")
     if mean.shape != std.shape or mean.dim() != 1 or not bool((std > 0).all()):
         raise ValueError(f"latents_mean/latents_std must be equal-length lists with std > 0, got {d['latents_mean']}"
                          f" / {d['latents_std']}")
@@ -207,25 +312,15 @@ class _Transform:
 
 def _shard_fields(shards: list[Path]) -> tuple[set[str], list[tuple], list[int]]:
     """Latent fields, latent shape and row count of every shard (reads schemas/metadata, not the data)."""
-    fields, shapes, sizes = None, [], []
+    fields, shapes, sizes, sources = None, [], [], {}
     for p in shards:
-        if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            f = pq.ParquetFile(p)
-            names = set(f.schema_arrow.names)
-            info = json.loads((f.schema_arrow.metadata or {}).get(b"ssdd", b"{}"))
-            n = f.metadata.num_rows
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(p), "pt") as f:
-                names, info = set(f.keys()), json.loads((f.metadata() or {}).get("ssdd", "{}"))
-                n = f.get_slice("label").get_shape()[0]
-        present = names & set(LATENT_FIELDS)
+        keys, present, info = shard_keys(p)
+        sources.setdefault(info.get("checkpoint"), p.name)
+        if len(sources) > 1:  # two tokenizers' latents in one dataset: a model would train on both spaces
+            raise ValueError(f"the shards in {p.parent} come from different checkpoints: {sources}")
         fields = present if fields is None else fields & present
         shapes.append(tuple(info["shape"]))
-        sizes.append(n)
+        sizes.append(len(keys))
     return fields or set(), shapes, sizes
 
 
@@ -240,6 +335,9 @@ def _select(root, shape) -> tuple[list[Path], set[str], list[int], tuple]:
         shape = found[0]
     keep = [i for i, s in enumerate(shapes) if s == tuple(shape) and sizes[i] > 0]
     if not keep:
+        if tuple(shape) in found:
+            raise ValueError(f"{root}: the shards of latent shape {tuple(shape)} are empty (0 rows: every item "
+                             "failed to encode; their messages are in each shard's metadata 'errors')")
         raise ValueError(f"{root} has no latents of shape {tuple(shape)}; shapes found: {found}")
     return [shards[i] for i in keep], fields, [sizes[i] for i in keep], tuple(shape)
 

@@ -130,6 +130,30 @@ def _umask() -> int:
     return mask
 
 
+def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                 reserved: Iterable[str | os.PathLike] = (), flag: str = "-o") -> Path:
+    """The one "an output never replaces an input" check, for every command that writes a file: refuse `path`
+    when it is one of `inputs` (the same file, through links or another spelling) or lies at or under one of
+    `reserved` (what a job owns: its shards, its `.ssdd` state folder). Returns `path`."""
+    p = Path(path)
+    real = p.resolve()
+    for i in inputs:
+        if real == Path(i).resolve() or (p.exists() and _same_file(p, i)):
+            raise ValueError(f"{flag} {path} is one of the inputs; refusing to overwrite it (it is {i})")
+    for r in reserved:
+        if real == Path(r).resolve() or real.is_relative_to(Path(r).resolve()):
+            raise ValueError(f"{flag} {path} is inside {r}, which holds the input job's own files; refusing to "
+                             "write there")
+    return p
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def confined_path(output_dir: str | os.PathLike, name: str) -> Path:
     """`output_dir / name` for a relative POSIX-style name with no '..', no absolute part and no drive, else
     ValueError: whatever a latents file or an input path says, nothing is written outside `output_dir`."""
@@ -335,6 +359,9 @@ def _read_latents(path: Path):
             return f.get_tensor("latents" if "latents" in names else names[0]), json.loads(
                 (f.metadata() or {}).get("ssdd", "{}"))
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)), {}
+        a = np.load(path, allow_pickle=False)
+        if not a.dtype.isnative:  # big-endian files (numpy writes '>f4' on such machines): same values, native order
+            a = a.astype(a.dtype.newbyteorder("="))
+        return torch.from_numpy(a), {}
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return (obj["latents"], obj.get("metadata", {})) if isinstance(obj, dict) else (obj, {})

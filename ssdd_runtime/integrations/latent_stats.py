@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ def latent_normalization(*, stats: str | os.PathLike | dict | None = None, scali
         shift = float(shift_factor)
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"scaling_factor must be a positive finite number, got {scale!r}")
+    if not math.isfinite(shift):
+        raise ValueError(f"shift_factor must be a finite number, got {shift!r}")
     return scale, shift
 
 
@@ -84,6 +87,8 @@ class LatentStats:
             self.m2 = torch.zeros(self.channels, dtype=torch.float64)
 
     def update(self, z: torch.Tensor) -> None:  # z: (B, C, h, w)
+        if z.dim() != 4 or z.shape[1] != self.channels:  # a reshape would mix channels silently
+            raise ValueError(f"expected latents (B, {self.channels}, h, w), got {tuple(z.shape)}")
         v = z.detach().double().cpu().transpose(0, 1).reshape(self.channels, -1)  # (C, N)
         n = v.shape[1]
         if n == 0:
@@ -99,10 +104,14 @@ class LatentStats:
     def summary(self) -> dict:
         if self.count < 2:
             raise ValueError(f"need at least 2 latent values per channel for a std, got {self.count}")
+        if not bool(torch.isfinite(self.mean).all() & torch.isfinite(self.m2).all()):
+            raise ValueError("latent statistics are not finite: the latents hold NaN/inf values or overflow float64")
         C, n = self.channels, self.count
         mean = float(self.mean.mean())  # every channel has n values: the global mean is the channel average
         m2 = float(self.m2.sum() + (n * (self.mean - mean) ** 2).sum())
         std = (m2 / (C * n - 1)) ** 0.5
+        if not std > 0:
+            raise ValueError(f"the {C * n} latent values are all equal (std 0): no scaling_factor = 1/std")
         return {"mean": mean, "std": std, "channel_mean": self.mean.tolist(),
                 "channel_std": (self.m2 / (n - 1)).sqrt().tolist(), "values_per_channel": n,
                 "scaling_factor": 1.0 / std, "shift_factor": mean,
@@ -116,19 +125,35 @@ def shard_latent_stats(folder: str | os.PathLike) -> dict:
     `folder` (no re-encoding; flipped copies and log-variances are not included)."""
     from ssdd_runtime.data import list_shards, read_manifest, read_shard
 
-    acc, num = None, 0
+    acc, num, non_finite, sources = None, 0, {}, {}
     for path in list_shards(folder):
-        z = read_shard(path, ("latent",))[0]["latent"]
+        cols, info = read_shard(path, ("latent",))
+        sources.setdefault(info.get("checkpoint"), path.name)
+        if len(sources) > 1:  # statistics of two tokenizers' latents describe neither
+            raise ValueError(f"the shards in {folder} come from different checkpoints: {sources}")
+        z = cols["latent"]
+        finite = torch.isfinite(z.flatten(1)).all(1) if len(z) else torch.ones(0, dtype=torch.bool)
+        for key in (k for k, ok in zip(cols["key"], finite.tolist()) if not ok):  # skipped and counted, not averaged
+            non_finite[key] = f"non-finite latent (NaN or inf) in {path.name}: left out of the statistics"
+        z = z[finite]
         if acc is None and len(z):
             acc = LatentStats(z.shape[1])
         if len(z):
+            if z.shape[1] != acc.channels:
+                raise ValueError(f"shard {path} holds {z.shape[1]}-channel latents, the other shards "
+                                 f"{acc.channels}-channel ones")
             acc.update(z)
             num += len(z)
     if acc is None:
-        raise ValueError(f"the shards in {folder} hold no latents")
+        raise ValueError(f"the shards in {folder} hold no finite latents"
+                         + (f" ({len(non_finite)} non-finite skipped)" if non_finite else ""))
     manifest = read_manifest(folder) or {}
+    if manifest.get("checkpoint") not in (None, *sources):
+        raise ValueError(f"the manifest of {folder} names checkpoint {manifest['checkpoint']}, its shards were "
+                         f"encoded with {next(iter(sources))}: the manifest belongs to another job")
+    errors = {**manifest.get("errors", {}), **non_finite}
     out = acc.summary()
-    out.update(num_images=num, num_errors=len(manifest.get("errors", {})), errors=manifest.get("errors", {}),
+    out.update(num_images=num, num_errors=len(errors), num_non_finite=len(non_finite), errors=errors,
                encoder=manifest.get("encoder"), checkpoint=manifest.get("checkpoint"), source=str(folder))
     return out
 

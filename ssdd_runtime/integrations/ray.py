@@ -8,7 +8,8 @@ Flow of `tokenize` (the same for one machine and a multi-node cluster):
    LightningDiT `extract_features.py`); without it each image keeps its size, center-cropped to multiples of the
    encoder stride, and the driver reads every image header first so that items are grouped by latent shape:
    each shard holds one shape. Shards are cut from the shape groups, `shard_size` items each.
-3. Shards whose file exists are skipped (files are renamed into place complete): re-running resumes a job.
+3. Shards whose file exists and passes `_verify_shard` are skipped: re-running resumes a job. A truncated or
+   corrupt shard is written again; one of another job (options, items, shape) is refused, never overwritten.
 4. The items of the missing shards go through `Dataset.map_batches` with an actor pool: each actor loads the
    model once, uses the CPUs it is given (`torch.set_num_threads(num_cpus_per_actor)`), reads and decodes its
    images and encodes them (and their horizontal flips with `flip=True`) with `model.encode`: the mean, and
@@ -17,10 +18,11 @@ Flow of `tokenize` (the same for one machine and a multi-node cluster):
    Only the driver writes, so OUTDIR needs no shared filesystem; the inputs and a local `--checkpoint` must be
    readable by every node (or use `--repo` so each node downloads the checkpoint into its own HF cache).
 
-Bad items (unreadable file, not an image, decompression bomb, missing HF path, image smaller than the stride)
-never stop the job: each is recorded with its message (shard metadata "errors", or the manifest "errors" for
-items whose header could not be read while planning), counted in the report and logged; data shards hold
-only good rows, so a training loop never meets a null latent.
+Bad items (unreadable file, not an image, decompression bomb, missing HF path, image smaller than the stride,
+a latent or image the model refuses: `per_item`) never stop the job: each is recorded with its message
+(shard metadata "errors", or the manifest "errors" for items whose header could not be read while planning),
+counted in the report and logged; data shards hold only good rows, so a training loop never meets a null
+latent.
 
 ray is imported inside the functions that need it (`pip install 'ssdd-runtime[ray]'`); this module's name does
 not shadow the real package because every import here is absolute.
@@ -42,8 +44,8 @@ import numpy as np
 import torch
 
 from ssdd_runtime.checks import check_sampler_args
-from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, list_shards, read_shard, shard_path,
-                               write_shard)
+from ssdd_runtime.data import (FORMAT_VERSION, FORMATS, MANIFEST, SIDECAR, job_file, list_shards, read_manifest,
+                               read_shard, shard_keys, shard_path, write_shard)
 from ssdd_runtime.io import (IMAGE_SUFFIXES, adm_center_crop, center_crop, confined_path,
                              pil_to_tensor, same_shape_batches, scan_folder, tensor_to_pil, unique_names,
                              write_bytes_atomic, write_text_atomic)
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'ssdd-runtime[ray]' (ray[data] and pyarrow)"
 STORES = ("mode", "moments")
+ACTOR_START_TIMEOUT_S = 900  # the actor pool's start-up (model load; a Hub download per node) must finish in this
 
 
 def _import_ray():
@@ -85,10 +88,14 @@ class Item:
 
 
 def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image", key_column: str | None = None,
-                labels: str = "none") -> tuple[list[Item], list[str] | None]:
+                labels: str = "none", output_dir: str | os.PathLike | None = None
+                ) -> tuple[list[Item], list[str] | None]:
     """Expand folders (recursively: image files and *.parquet), image files and parquet files into items sorted
     by key, and the class names (None when labels are not class names). Parquet rows take their key from
     `key_column` when given, else "<file stem>/<row:08d>".
+
+    output_dir: the job's output folder; its shards and `.ssdd` state are never taken as inputs, so an output
+    folder inside an input folder resumes like any other.
 
     labels: "none" (label -1); "folder": ImageFolder-style, the first sub-folder under the input folder names
     the class and classes are numbered in sorted order (torchvision's convention); any other value is a parquet
@@ -102,6 +109,8 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
         p = Path(src)
         if p.is_dir():
             for f in scan_folder(p, IMAGE_SUFFIXES + (".parquet",)):
+                if output_dir is not None and job_file(f, output_dir):
+                    continue
                 rel = f.relative_to(p).as_posix()
                 folder = rel.split("/")[0] if "/" in rel else None
                 if f.suffix.lower() == ".parquet":
@@ -116,6 +125,8 @@ def list_inputs(inputs: str | os.PathLike | list, *, image_column: str = "image"
                 found.append((Item(str(src), str(p)), None))
         else:
             raise FileNotFoundError(f"input not found: {src} (expected a folder, an image file or a parquet file)")
+    if not found:
+        raise ValueError(f"no images or parquet files found in {[str(src) for src in sources]}")
     found.sort(key=lambda pair: pair[0].key)
     dup = [a.key for (a, _), (b, _) in zip(found, found[1:]) if a.key == b.key]
     if dup:
@@ -143,7 +154,10 @@ def _parquet_items(path: Path, prefix: str, image_column: str, key_column: str |
                    label_column: str | None) -> list[tuple[Item, object]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise ValueError(f"input {path} is not a readable parquet file ({' '.join(str(e).split())})") from e
     names = pf.schema_arrow.names
     for what, col in (("image", image_column), ("key", key_column), ("label", label_column)):
         if col is not None and col not in names:
@@ -291,15 +305,10 @@ class _EncodeActor:
                 images.append((i, _decode_image(data, self.model.stride, self.resolution)))
             except _bad_image_errors() as e:
                 errors[i] = f"{type(e).__name__}: {e}"
-        images.sort(key=lambda item: tuple(item[1].shape))  # stable: one forward pass per image size
-        for index, x in same_shape_batches(images):
+
+        def encode(index: list[int], x: torch.Tensor) -> None:
             B = len(index)
-            try:
-                post = self.model.encode(torch.cat([x, x.flip(-1)]) if self.flip else x)
-            except ValueError as e:  # e.g. non-finite values: the whole group is recorded, the job goes on
-                for i in index:
-                    errors[i] = f"{type(e).__name__}: {e}"
-                continue
+            post = self.model.encode(torch.cat([x, x.flip(-1)]) if self.flip else x)
             moments = {"latent": post.mean, "logvar": post.logvar}
             for name in self.fields:
                 z = moments[name.removesuffix("_flip")].float().cpu()
@@ -308,9 +317,36 @@ class _EncodeActor:
                     out[name][i] = zi.numpy().astype("<f4").tobytes()
             for i in index:
                 shapes[i] = ",".join(map(str, post.mean.shape[1:]))
+
+        per_item(images, encode, errors)
         res = {"key": batch["key"], "shape": np.array(shapes, dtype=object), "error": np.array(errors, dtype=object)}
         res.update({f: np.array(v, dtype=object) for f, v in out.items()})
         return res
+
+
+# What one item can make the model raise (non-finite values, a size it refuses): recorded for that item. Anything
+# else (out of memory, a lost device) fails the job; a re-run resumes it.
+ITEM_ERRORS = (ValueError, TypeError, FloatingPointError)
+
+
+def per_item(items: list[tuple[int, torch.Tensor]], run, errors: list[str]) -> None:
+    """The one per-item error path of the Ray actors (encode and decode): `run(index, x)` on each batch of
+    same-shape (index, (1, ...)) items; when a batch raises one of ITEM_ERRORS its items are run one at a time,
+    so only the items that fail get `errors[i] = "Type: message"` and the others still give their output."""
+    items = sorted(items, key=lambda item: tuple(item[1].shape))  # stable: one forward pass per size
+    for index, x in same_shape_batches(items):
+        try:
+            run(index, x)
+            continue
+        except ITEM_ERRORS as e:
+            if len(index) == 1:
+                errors[index[0]] = f"{type(e).__name__}: {e}"
+                continue
+        for i, xi in zip(index, x.split(1)):
+            try:
+                run([i], xi)
+            except ITEM_ERRORS as e:
+                errors[i] = f"{type(e).__name__}: {e}"
 
 
 def fields_for(flip: bool, store: str) -> list[str]:
@@ -326,24 +362,26 @@ class _DecodeActor:
                  backend="torch"):
         self.model = _load_model(source, filename, revision, dtype, num_gpus, num_threads, backend)
         self.steps, self.t_pow_shift, self.seed = steps, t_pow_shift, seed
-        self.cached: tuple | None = None  # (shard path, {key: latent})
+        self.cached: tuple | None = None  # (shard path, keys, latents (N, C, h, w))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         pngs, errors = [b""] * n, [""] * n
         latents = []  # (index, (1, C, h, w))
         for i in range(n):
-            shard, key = str(batch["shard_file"][i]), str(batch["key"][i])
+            shard, key, row = str(batch["shard_file"][i]), str(batch["key"][i]), int(batch["row"][i])
             try:
                 if self.cached is None or self.cached[0] != shard:
                     cols = read_shard(shard, ("latent",))[0]
-                    self.cached = (shard, dict(zip(cols["key"], cols["latent"])))
-                latents.append((i, self.cached[1][key][None]))
+                    self.cached = (shard, cols["key"], cols["latent"])
+                if row >= len(self.cached[1]) or self.cached[1][row] != key:
+                    raise ValueError(f"{shard} changed during the job: row {row} is no longer {key!r}")
+                latents.append((i, self.cached[2][row][None]))
             except (OSError, ValueError, KeyError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
-        latents.sort(key=lambda item: tuple(item[1].shape))  # stable: one forward pass per latent size
         F_ = self.model.stride
-        for index, z in same_shape_batches(latents):
+
+        def decode(index: list[int], z: torch.Tensor) -> None:
             B, _, h, w = z.shape
             # every image gets the same seeded start noise: the output depends only on its latent and the seed
             noise = seeded_noise((3, h * F_, w * F_), self.seed, B, device=self.model.device)
@@ -352,7 +390,10 @@ class _DecodeActor:
                 buf = io.BytesIO()
                 pil.save(buf, format="PNG")
                 pngs[i] = buf.getvalue()
-        return {"key": batch["key"], "png": np.array(pngs, dtype=object), "error": np.array(errors, dtype=object)}
+
+        per_item(latents, decode, errors)
+        return {"id": batch["id"], "key": batch["key"], "png": np.array(pngs, dtype=object),
+                "error": np.array(errors, dtype=object)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,6 +409,7 @@ class Report:
     skipped: int = 0  # items skipped because their shard / PNG already existed
     shards_written: list[int] = field(default_factory=list)
     shards_skipped: list[int] = field(default_factory=list)
+    shards_redone: list[int] = field(default_factory=list)  # existing shards found broken on resume, written again
     errors: dict[str, str] = field(default_factory=dict)  # key -> message, this run
     checkpoint: str | None = None
     startup_s: float = 0.0  # Ray start and actor pool start-up until the first batch came back
@@ -376,6 +418,8 @@ class Report:
         s = (f"{self.done} ok, {self.failed} failed, {self.skipped} skipped (already done) of {self.total} items")
         if self.shards_written or self.shards_skipped:
             s += f"; shards: {len(self.shards_written)} written, {len(self.shards_skipped)} skipped"
+            if self.shards_redone:
+                s += f" ({len(self.shards_redone)} broken ones written again)"
         return s + f" -> {self.output_dir}"
 
     def fail(self, key: str, message: str, what: str) -> None:
@@ -407,14 +451,28 @@ def _pool(ray, num_gpus_per_actor: float | None, num_cpus_per_actor: float | Non
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or concurrency < 1):
         raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n.get("CPU", 0) for n in nodes), default=cpus)
+    node_gpus = max((n.get("GPU", 0) for n in nodes), default=gpus)
     if num_gpus_per_actor > 0:
         concurrency = concurrency or max(1, int(gpus // num_gpus_per_actor))
-        return num_gpus_per_actor, num_cpus_per_actor or 1.0, concurrency
-    if num_cpus_per_actor is None:
-        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
-        num_cpus_per_actor = float(max(1, int(cpus // concurrency))) if concurrency else float(max(1, node_cpus))
-    concurrency = concurrency or max(1, int(cpus // num_cpus_per_actor))
-    return 0.0, num_cpus_per_actor, concurrency
+        pool = num_gpus_per_actor, num_cpus_per_actor or 1.0, concurrency
+    else:
+        if num_cpus_per_actor is None:
+            num_cpus_per_actor = float(max(1, int(cpus // concurrency))) if concurrency else float(max(1, node_cpus))
+        pool = 0.0, num_cpus_per_actor, concurrency or max(1, int(cpus // num_cpus_per_actor))
+    # Ray would wait forever for an actor that fits no node: refuse before starting the pool
+    g, c, n = pool
+    have = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs (largest node: {node_cpus:g} CPUs, {node_gpus:g} GPUs)"
+    if g > node_gpus:
+        raise ValueError(f"num_gpus_per_actor={g:g} cannot be met: {have}"
+                         + ("; use --num-gpus-per-actor 0 to run on the CPU" if gpus == 0 else ""))
+    if c > node_cpus:
+        raise ValueError(f"num_cpus_per_actor={c:g} cannot be met: {have}")
+    if n * g > gpus or n * c > cpus:
+        raise ValueError(f"{n} actors of {c:g} CPUs and {g:g} GPUs each cannot all start: {have}; lower "
+                         "--concurrency or the per-actor resources")
+    return pool
 
 
 def _map(ds, ray, actor, ctor: dict, batch_size: int, pool: tuple[float, float, int]):
@@ -429,9 +487,13 @@ def _map(ds, ray, actor, ctor: dict, batch_size: int, pool: tuple[float, float, 
     # max_restarts only through the deprecated **ray_remote_args, hence the filter.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(actor, fn_constructor_kwargs=ctor, batch_size=batch_size, batch_format="numpy",
-                              num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
-                              compute=ray.data.ActorPoolStrategy(size=concurrency))
+        mapped = ds.map_batches(actor, fn_constructor_kwargs=ctor, batch_size=batch_size, batch_format="numpy",
+                                num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
+                                compute=ray.data.ActorPoolStrategy(size=concurrency))
+    # A bounded wait for the pool (Ray's default waits forever when resources go away after the check in _pool):
+    # past it, Ray raises GetTimeoutError "Timed out while starting actors", a one-line error of the CLI.
+    mapped.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    return mapped
 
 
 def _resolve(source, filename, revision) -> tuple[Path, str, str, int, int]:
@@ -479,7 +541,8 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
                                    or resolution < stride or resolution % stride):
         raise ValueError(f"resolution must be a positive multiple of the encoder stride {stride}, got {resolution!r}")
-    items, classes = list_inputs(inputs, image_column=image_column, key_column=key_column, labels=labels)
+    items, classes = list_inputs(inputs, image_column=image_column, key_column=key_column, labels=labels,
+                                 output_dir=out)
     report = Report(str(out), total=len(items), checkpoint=ckpt_id)
     plan_errors: dict[str, str] = {}
     if resolution is not None:
@@ -499,16 +562,24 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
            "keys_sha256": hashlib.sha256("\n".join(i.key for i in items).encode()).hexdigest(),
            "plan_sha256": hashlib.sha256(json.dumps([[list(s), [i.key for i in g]] for s, g in shards])
                                          .encode()).hexdigest()}
+    info = {"format_version": FORMAT_VERSION, "checkpoint": ckpt_id, "encoder": encoder, "store": store,
+            "flip": flip, "resolution": resolution, "labels": labels, "classes": classes}
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, {**job, "shards": [{"shape": list(s), "num_items": len(g)} for s, g in shards],
-                          "errors": plan_errors})
+    manifest = {**job, "shards": [{"shape": list(s), "num_items": len(g)} for s, g in shards], "errors": plan_errors}
+    _check_manifest(out, manifest)
     pending = []
-    for s, (_, group) in enumerate(shards):
-        if shard_path(out, s, format).exists():
+    for s, (shape, group) in enumerate(shards):
+        path = shard_path(out, s, format)
+        broken = _verify_shard(path, shape, group, fields, info) if path.exists() else "missing"
+        if broken is None:
             report.shards_skipped.append(s)
             report.skipped += len(group)
         else:
+            if broken != "missing":
+                log.warning("tokenize: %s; writing it again", broken)
+                report.shards_redone.append(s)
             pending.append(s)
+    _write_manifest(out, manifest)  # only once every existing shard is known to belong to this job
     if pending or not shards:  # planning errors are this run's when it has work (or nothing else) to do
         for key, msg in plan_errors.items():
             report.fail(key, msg, "tokenize")
@@ -528,8 +599,6 @@ def tokenize(inputs, output_dir: str | os.PathLike, *, checkpoint: str | os.Path
 
     item_of = {it.key: (s, j, it) for s in pending for j, it in enumerate(shards[s][1])}
     buffers: dict[int, dict[str, dict]] = defaultdict(dict)  # shard -> key -> row
-    info = {"format_version": FORMAT_VERSION, "checkpoint": ckpt_id, "encoder": encoder, "store": store,
-            "flip": flip, "resolution": resolution, "labels": labels, "classes": classes}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if not report.startup_s:
             report.startup_s = time.perf_counter() - t0
@@ -566,17 +635,54 @@ def _write(path: Path, shard: tuple[tuple, list[Item]], rows: dict[str, dict], f
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
-    """Write OUT/.ssdd/manifest.json, or refuse a folder holding shards of a different job."""
-    path = out / SIDECAR / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    """Refuse a folder whose OUT/.ssdd/manifest.json describes a different job, or that holds shard files this
+    job does not plan (another job's, whose manifest was deleted: they would be read with this job's)."""
+    old = read_manifest(out)
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in manifest.items() if k not in ("shards", "errors") and old.get(k) != v}
         if diff:
             raise ValueError(f"{out} holds shards of a different job ({', '.join(diff)} differ: {diff}); use a new "
                              "output folder or delete it")
-    else:
+    planned = {shard_path(out, s, manifest["format"]).name for s in range(len(manifest["shards"]))}
+    stray = sorted(p.name for p in out.iterdir()
+                   if p.name.startswith("shard-") and p.suffix[1:] in FORMATS and p.name not in planned)
+    if stray:
+        raise ValueError(f"{out} holds shards this job does not plan ({', '.join(stray[:3])}"
+                         f"{', ...' if len(stray) > 3 else ''}): written by another job (other inputs, --shard-size "
+                         "or --format); use a new output folder or delete them")
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    path = out / SIDECAR / MANIFEST
+    if not path.exists():
         path.parent.mkdir(exist_ok=True)
         write_text_atomic(path, json.dumps(manifest, indent=1))
+
+
+def _verify_shard(path: Path, shape: tuple, items: list[Item], fields: list[str], info: dict) -> str | None:
+    """The resume check of one existing shard: None when it is this job's complete shard; the reason when it is
+    broken (truncated, unreadable, rows missing): it is written again; ValueError when it is another job's
+    (other options or items): refused, never mixed in and never overwritten."""
+    try:
+        keys, present, got = shard_keys(path, check_data=True)
+    except ValueError as e:
+        return str(e)
+    differ = {k: (got.get(k), v) for k, v in info.items() if got.get(k) != v}
+    if present != set(fields):
+        differ["columns"] = (sorted(present), sorted(fields))
+    errors = got.get("errors") or {}
+    planned = {it.key for it in items}
+    if not set(keys) | set(errors) <= planned:
+        differ["keys"] = sorted(set(keys) | set(errors) - planned)[:3]
+    if tuple(got["shape"]) != tuple(shape):
+        differ["shape"] = (got["shape"], list(shape))
+    if differ:
+        raise ValueError(f"{path} was written by a different job ({', '.join(differ)} differ: {differ}); use a new "
+                         "output folder or delete it")
+    if len(keys) + len(errors) != len(items) or len(set(keys)) != len(keys):
+        return (f"shard {path} is incomplete: {len(keys)} rows and {len(errors)} failed items, the plan has "
+                f"{len(items)} items")
+    return None
 
 
 def png_name(key: str) -> str:
@@ -604,26 +710,31 @@ def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     out = Path(output_dir)
     _, ckpt_id, *_ = _resolve(checkpoint, filename, revision)
     report = Report(str(out), checkpoint=ckpt_id)
-    entries = []  # (key, shard)
+    entries = []  # (key, shard, row): the row, not the key, finds a latent (keys may repeat across shards)
     for shard in list_shards(latents_dir):
         cols, info = read_shard(shard, ())
         if info.get("checkpoint") not in (None, ckpt_id):
             log.warning("detokenize: %s was encoded with %s, decoding with %s", shard.name, info["checkpoint"],
                         ckpt_id)
-        entries += [(key, str(shard)) for key in cols["key"]]
+        entries += [(key, str(shard), row) for row, key in enumerate(cols["key"])]
+    if not entries:
+        raise ValueError(f"the shards in {latents_dir} hold no latents (0 rows: every item failed in tokenize; the "
+                         "messages are in each shard's metadata 'errors')")
     entries.sort()
     items = []
-    for (key, shard), name in zip(entries, unique_names([png_name(k) for k, _ in entries])):
+    for (key, shard, row), name in zip(entries, unique_names([png_name(k) for k, *_ in entries])):
         report.total += 1
         try:
             dest = confined_path(out, name)
         except ValueError as e:
             report.fail(key, f"ValueError: {e}", "detokenize")
             continue
-        if dest.exists():
+        if dest.exists() and _png_ok(dest):
             report.skipped += 1
         else:
-            items.append({"key": key, "shard_file": shard, "png_name": str(dest)})
+            if dest.exists():
+                log.warning("detokenize: %s is not a readable PNG; writing it again", dest)
+            items.append({"id": len(items), "key": key, "shard_file": shard, "row": row, "png_name": str(dest)})
     if not items:
         return report
     ray = _start_ray(address, num_cpus)
@@ -631,14 +742,26 @@ def detokenize(latents_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     ctor = dict(source=str(checkpoint), filename=filename, revision=revision, dtype=dtype, steps=steps,
                 t_pow_shift=t_pow_shift, seed=seed, backend=backend)
     ds = _map(_items_dataset(ray, items, batch_size), ray, _DecodeActor, ctor, batch_size, pool)
-    dest_of = {it["key"]: Path(it["png_name"]) for it in items}
+    dest_of = {it["id"]: Path(it["png_name"]) for it in items}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key, png, err in zip(batch["key"], batch["png"], batch["error"]):
-            key = str(key)
+        for i, key, png, err in zip(batch["id"], batch["key"], batch["png"], batch["error"]):
+            key, dest = str(key), dest_of[int(i)]
             if err:
                 report.fail(key, str(err), "detokenize")
                 continue
-            dest_of[key].parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(dest_of[key], png)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(dest, png)
             report.done += 1
     return report
+
+
+def _png_ok(path: Path) -> bool:
+    """An existing output counts as done only when PIL reads it through (a truncated copy is decoded again)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except _bad_image_errors():
+        return False
