@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -218,7 +219,9 @@ def lpips_net(device="cpu"):
         raise FileNotFoundError(f"AlexNet weights {ALEXNET_FILE} (for LPIPS) are not in {cached.parent} and "
                                 f"HF_HUB_OFFLINE is set: {where}")
     try:
-        net = lpips.LPIPS(net="alex", verbose=False)
+        with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=True`, deprecated since 0.13
+            warnings.simplefilter("ignore", UserWarning)
+            net = lpips.LPIPS(net="alex", verbose=False)
     except OSError as e:
         raise FileNotFoundError(f"could not load the AlexNet weights {ALEXNET_FILE} for LPIPS ({e}): {where}") from e
     return net.eval().requires_grad_(False).to(device)
@@ -347,7 +350,7 @@ def _batches(items, load, batch_size: int, bad: list) -> Iterator[tuple[list, li
             bad.append({"path": item[0], "error": " ".join(str(e).split()) or type(e).__name__})
             log.warning("skipping %s: %s", item[0], e)
             continue
-        if arrays and a.shape != arrays[0].shape:  # compare mode: one size per batch
+        if arrays and _shape(a) != _shape(arrays[0]):  # one size per batch (compare: sizes vary)
             yield names, arrays
             names, arrays = [], []
         names.append(item)
@@ -357,6 +360,10 @@ def _batches(items, load, batch_size: int, bad: list) -> Iterator[tuple[list, li
             names, arrays = [], []
     if arrays:
         yield names, arrays
+
+
+def _shape(a) -> tuple:
+    return a[0].shape if isinstance(a, tuple) else a.shape
 
 
 def _save_png(a: np.ndarray, path: Path) -> None:
