@@ -291,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local diffusers AutoencoderKL folder (default: random weights)")
     p.add_argument("--kl-vae-config", default=None, metavar="JSON",
                    help="AutoencoderKL config JSON for the baseline (default: the SD-VAE f8c4 config)")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                   help="PSNR / max / mean abs error of every SSDD path against the fp32 eager decode of the same "
+                        "latents and noise (default: on with --checkpoint)")
+    p.add_argument("--eval-images", default=None, metavar="DIR",
+                   help="--quality on the fp32 encodings of these images (needs --checkpoint) instead of random "
+                        "latents")
+    p.add_argument("--quality-plot", default=None, metavar="PATH",
+                   help="write a PNG of quality (PSNR vs fp32 eager) against images/s, one point per path")
     p.add_argument("--json", default=None, metavar="PATH", help="write {'env': ..., 'results': [...]} here")
     p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV row per result here")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of images/s vs batch here")
@@ -823,12 +831,16 @@ def cmd_bench(args) -> int:
                      device=args.device or device, warmup=args.warmup,
                      repeats=repeats if args.repeats is None else args.repeats, rotate=args.rotate,
                      channels_last=args.channels_last, checkpoint=args.checkpoint,
-                     kl_vae_checkpoint=args.kl_vae_checkpoint, kl_vae_config=args.kl_vae_config)
+                     kl_vae_checkpoint=args.kl_vae_checkpoint, kl_vae_config=args.kl_vae_config,
+                     quality=(args.checkpoint is not None or args.eval_images is not None) if args.quality is None
+                     else args.quality, eval_images=args.eval_images)
+    if args.quality_plot and not cfg.quality:
+        raise ValueError("--quality-plot needs --quality (on by default with --checkpoint)")
     cfg.validate()  # unknown model/backend/dtype: one-line error before anything heavy
     check_device(cfg.device)
     outputs = [(_output_file(path, flag=flag), write) for path, flag, write in (
-        (args.json, "--json", run.write_json), (args.csv, "--csv", run.write_csv), (args.plot, "--plot", report.plot))
-        if path]
+        (args.json, "--json", run.write_json), (args.csv, "--csv", run.write_csv), (args.plot, "--plot", report.plot),
+        (args.quality_plot, "--quality-plot", report.quality_plot)) if path]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
