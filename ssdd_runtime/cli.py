@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="DIR", default=None,
                    help="write the 8-bit crops (DIR/inputs) and reconstructions (DIR/<model>) the metrics saw")
     p.add_argument("--json", metavar="PATH", default=None, help="write the result JSON here")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a note recorded in the JSON (e.g. which weights these are); repeatable")
 
     p = command("stats", cmd_stats, "per-channel latent mean/std -> JSON (shard folder or images)",
                 parents=[_checkpoint_flags(required=False), runtime, _batch_flag(8)], epilog=EPILOG,
@@ -894,7 +896,8 @@ def cmd_eval(args) -> int:
                                      res=args.res, limit=args.limit, steps=args.steps, t_pow_shift=args.t_pow_shift,
                                      seed=args.seed, device=args.device, dtype=args.dtype, backend=args.backend,
                                      batch_size=args.batch_size, metrics=metrics,
-                                     inception_weights=args.inception_weights, baseline=args.baseline, save=save)
+                                     inception_weights=args.inception_weights, baseline=args.baseline, save=save,
+                                     notes=args.note)
     print(evaluation.table(report))
     data = report["data"]
     if data["bad_images"]:

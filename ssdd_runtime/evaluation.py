@@ -421,10 +421,18 @@ def run_metrics(items, load, models: dict[str, Callable | None], *, metrics=METR
         bar.close()
     seconds = time.perf_counter() - t0
     rows = {name: acc.result(reference) for name, acc in accs.items()}
-    return {"rows": rows, "bad_images": bad, "seconds": seconds}
+    return {"rows": rows, "bad_images": bad, "seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _report(kind: str, data: dict, device) -> dict:
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def _report(kind: str, data: dict, device, notes: Sequence[str] = ()) -> dict:
     from ssdd_runtime.benchmarks import schema
     from ssdd_runtime.benchmarks.timing import environment, env_cpu_load, package_version
 
@@ -434,7 +442,7 @@ def _report(kind: str, data: dict, device) -> dict:
     method = ("ssdd eval: " + "; ".join(f"{k}: {v}" for k, v in PROTOCOL.items()))
     return schema.other_kind(kind, env, method, data, notes=[
         "metric networks: the weights files named under data.weights; numbers with the official Inception/AlexNet "
-        "weights on ImageNet are not verified by this repository's tests"])
+        "weights on ImageNet are not verified by this repository's tests", *notes])
 
 
 def _weights_note(metrics, inception_weights) -> dict:
@@ -452,7 +460,8 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
              limit: int | None = None, steps: int = 1, t_pow_shift: float = T_POW_SHIFT, seed: int = 0,
              device=None, dtype: str = "fp32", backend: str = "torch", batch_size: int = 8,
              metrics: Sequence[str] = METRICS, inception_weights: str | os.PathLike | None = None, baseline: str | None = None,
-             save: str | os.PathLike | None = None, progress: bool = True, label: str | None = None) -> dict:
+             save: str | os.PathLike | None = None, progress: bool = True, label: str | None = None,
+             notes: Sequence[str] = ()) -> dict:
     """Reconstruction metrics of an SSDD model (`model`, or loaded from the local `checkpoint`) on the images of
     `data` with the paper's protocol (module docstring); `baseline="kl-vae:<folder or Hub id>"` adds a KL-VAE
     row on the same images. Returns a report in the benchmark schema (`kind` "eval"); `data.models` holds one
@@ -488,10 +497,10 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
     n = entries[0]["metrics"]["n"]
     out = {"mode": "reconstruct", "data": str(data), "res": res, "limit": limit, "n": n,
            "bad_images": run["bad_images"], "n_bad": len(run["bad_images"]), "metrics": list(metrics),
-           "batch_size": batch_size, "seconds": run["seconds"],
+           "batch_size": batch_size, "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"],
            "images_per_s": n / run["seconds"] if run["seconds"] > 0 else None,
            "protocol": PROTOCOL, "weights": _weights_note(metrics, inception_weights), "models": entries}
-    return _report("eval", out, dev)
+    return _report("eval", out, dev, notes)
 
 
 def compare(ref_dir: str | os.PathLike, rec_dir: str | os.PathLike, *, device=None, batch_size: int = 8,
