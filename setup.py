@@ -35,7 +35,8 @@ EXTRAS = {
              "openvino>=2024.4", "datasets>=2.19", "accelerate>=0.31"],
 }
 EXTRAS["test"] += EXTRAS["docs"]  # the suite builds the docs site and runs its examples
-EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("tensorrt", "serve", "eval") for req in reqs})
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("tensorrt", "serve", "eval")
+                        for req in reqs})
 
 setup(
     name="ssdd-runtime",

@@ -459,7 +459,8 @@ def _weights_note(metrics, inception_weights) -> dict:
 def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None, model=None, res: int = 256,
              limit: int | None = None, steps: int = 1, t_pow_shift: float = T_POW_SHIFT, seed: int = 0,
              device=None, dtype: str = "fp32", backend: str = "torch", batch_size: int = 8,
-             metrics: Sequence[str] = METRICS, inception_weights: str | os.PathLike | None = None, baseline: str | None = None,
+             metrics: Sequence[str] = METRICS, inception_weights: str | os.PathLike | None = None,
+             baseline: str | None = None,
              save: str | os.PathLike | None = None, progress: bool = True, label: str | None = None,
              notes: Sequence[str] = ()) -> dict:
     """Reconstruction metrics of an SSDD model (`model`, or loaded from the local `checkpoint`) on the images of

@@ -244,7 +244,8 @@ def _independent(folder: Path, ckpt: Path, inception_file: Path, res: int, limit
         recs.append(q)
     refs, recs = np.stack(refs)[:limit], np.stack(recs)[:limit]
     r, x = refs / 255.0, recs / 255.0
-    inc = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(inception_file))
+    inc = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                      feature_extractor_weights_path=str(inception_file))
     feats = [inc(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous())[0].double().numpy() for a in (refs, recs)]
     # torch-fidelity's own statistics and distance (its eigenvalue form of tr sqrtm, stable for the rank-deficient
     # covariances of a few images; the formula itself is checked against scipy sqrtm above)
@@ -351,7 +352,8 @@ def test_compare_two_folders(tmp_path, torch_home, inception_file):
             (d / "sub").mkdir(parents=True, exist_ok=True)
             Image.fromarray(a).save(d / "sub" / f"{i}.png")
     out = tmp_path / "cmp.json"
-    res = _ssdd("eval", "--compare", ref_dir, rec_dir, "--inception-weights", inception_file, "--json", out)
+    # FID is covered above; leaving it out saves a 2048 x 2048 eigen-decomposition (~10 s on 2 loaded cores)
+    res = _ssdd("eval", "--compare", ref_dir, rec_dir, "--metrics", "psnr,ssim,lpips,mse,mae", "--json", out)
     assert res.returncode == 0, res.stderr
     m = json.loads(out.read_text())["data"]["models"][0]["metrics"]
     r, x = refs / 255.0, recs / 255.0
@@ -369,18 +371,51 @@ def test_compare_two_folders(tmp_path, torch_home, inception_file):
     assert res.returncode == 2 and "missing in" in res.stderr and "sub/2.png" in res.stderr
 
 
-def test_missing_weights_is_one_line_before_any_decoding(tmp_path, make_checkpoint):
+def test_missing_weights_is_one_line_before_any_decoding(tmp_path, make_checkpoint, capsys):
     folder, ckpt = _folder(tmp_path / "val"), make_checkpoint("f8c4", "S", 0)
     empty = tmp_path / "empty_torch_home"
     env = {"TORCH_HOME": str(empty), "HF_HUB_OFFLINE": "1"}
     res = _ssdd("eval", folder, "--checkpoint", ckpt, "--res", 16, "--save", tmp_path / "s", env=env)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert ev.INCEPTION_FILE in res.stderr and "--inception-weights" in res.stderr and "https://" in res.stderr
-    res = _ssdd("eval", folder, "--checkpoint", ckpt, "--res", 16, "--metrics", "lpips", "--save", tmp_path / "s",
-                env=env)
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and ev.ALEXNET_FILE in res.stderr, res.stderr
-    res = _ssdd("eval", folder, "--checkpoint", ckpt, "--inception-weights", tmp_path / "nope.pth", env=env)
-    assert res.returncode == 2 and "nope.pth" in res.stderr
+    from ssdd_runtime.cli import main  # the other cases in this process (each subprocess costs a torch import)
+
+    with mock.patch.dict(os.environ, env):
+        assert main(["eval", str(folder), "--checkpoint", str(ckpt), "--res", "16", "--metrics", "lpips",
+                     "--save", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ev.ALEXNET_FILE in err and "https://" in err, err
+        assert main(["eval", str(folder), "--checkpoint", str(ckpt), "--inception-weights",
+                     str(tmp_path / "nope.pth")]) == 2
+        assert "nope.pth" in capsys.readouterr().err
     assert not list((tmp_path / "s").rglob("*.png"))  # failed before any image was decoded or written
-    res = _ssdd("eval", folder, "--checkpoint", ckpt, "--metrics", "psnr,bogus")
-    assert res.returncode == 2 and "bogus" in res.stderr
+    assert main(["eval", str(folder), "--checkpoint", str(ckpt), "--metrics", "psnr,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_no_partial_json_and_only_whole_pngs(tmp_path, make_checkpoint, monkeypatch, capsys):
+    from ssdd_runtime.cli import main
+
+    real = ev.ssdd_reconstructor
+    calls = []
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def run(x):
+            calls.append(len(x))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return fn(x)
+        return run
+
+    monkeypatch.setattr(ev, "ssdd_reconstructor", interrupted_after_one_batch)
+    folder, out, save = _folder(tmp_path / "val"), tmp_path / "eval.json", tmp_path / "saved"
+    code = main(["eval", str(folder), "--checkpoint", str(make_checkpoint("f8c4", "S", 0)), "--res", "16",
+                 "--batch-size", "2", "--metrics", "psnr,mse", "--json", str(out), "--save", str(save)])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert not out.exists() and calls == [2, 2]
+    pngs = sorted(p.relative_to(save).as_posix() for p in save.rglob("*") if p.is_file())
+    assert pngs == ["inputs/a/0.png", "inputs/a/1.png", "ssdd-S/a/0.png", "ssdd-S/a/1.png"]  # the first batch
+    for p in save.rglob("*.png"):
+        Image.open(p).load()  # whole files
