@@ -32,8 +32,11 @@ def table(report: dict) -> str:
     cols = ["model", "backend", "dtype", "batch", "HxW", "steps", "img/s", "p50 ms", "p90 ms", "p99 ms",
             "GFLOP/s (of peak)", "peak MB", "first call s"]
     quality = any("quality_max_abs_error" in r for r in report["results"])
+    recon = any("recon_psnr_db" in r for r in report["results"])
     if quality:
         cols += ["PSNR vs fp32 dB", "max|err|", "mean|err|"]
+    if recon:
+        cols += ["PSNR vs input dB"]
     rows = []
     for r in report["results"]:
         lat = r["latency_ms"]
@@ -42,7 +45,8 @@ def table(report: dict) -> str:
                      _steps(r), f"{r['images_per_s']:.3f}",
                      f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}", flop_rate(r) or "-",
                      "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}",
-                     f"{r['warmup_s'][0]:.1f}" if r["warmup_s"] else "-"] + (quality_cells(r) if quality else []))
+                     f"{r['warmup_s'][0]:.1f}" if r["warmup_s"] else "-"] + (quality_cells(r) if quality else [])
+                    + ([_db(r.get("recon_psnr_db", "-"))] if recon else []))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [head, "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
@@ -63,6 +67,10 @@ def quality_cells(r: dict) -> list[str]:
     psnr = r["quality_psnr_db"]
     return ["identical" if psnr is None else f"{psnr:.1f}", f"{r['quality_max_abs_error']:.2e}",
             f"{r['quality_mean_abs_error']:.2e}"]
+
+
+def _db(v) -> str:
+    return "identical" if v is None else v if isinstance(v, str) else f"{v:.2f}"
 
 
 def _steps(r: dict) -> str:

@@ -47,7 +47,8 @@ METHOD = ("latency of one full decode (all Euler steps for SSDD; post_quant_conv
 QUALITY_METHOD = ("quality_*: the row's decode of input set 0 against the fp32 eager reference-path decode of the same "
                   "latents and noise; PSNR (dB, data_range 1) of the two 8-bit quantised images "
                   "(round(clamp(255 (x + 1) / 2, 0, 255)) / 255), null when identical; max and mean absolute error of "
-                  "the raw [-1, 1] outputs")
+                  "the raw [-1, 1] outputs; with --eval-images, recon_psnr_db: the same PSNR against the input images "
+                  "(the reconstruction's, for SSDD and the KL-VAE)")
 
 
 @dataclass
@@ -130,7 +131,7 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
     if cfg.quality:
         notes.append(QUALITY_METHOD + ("; latents: fp32 encodings of the images in " + cfg.eval_images
                                        if cfg.eval_images else "; latents: random (pass --eval-images for real ones)"))
-    encoder = _image_encoder(cfg, device) if cfg.quality and cfg.eval_images else None
+    encoder = _EvalImages(cfg, device) if cfg.quality and cfg.eval_images else None
 
     for backend in cfg.backends:
         reason = bk.unavailable_reason(backend, device, dtype)
@@ -153,7 +154,7 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
 
 def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped, encoder=None) -> list[dict]:
     """Prepare every workload for (backend, batch, H, W), then time them interleaved."""
-    calls, infos, inputs, references = {}, {}, {}, {}
+    calls, infos, inputs, references, inputs_of = {}, {}, {}, {}, {}
     for key, w in workloads.items():
         label = _label(*key)
         sets = [w.example_inputs(batch, H, W, dtype, device, seed=i) for i in range(cfg.rotate)]
@@ -161,9 +162,13 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skippe
             (_, t, _), noise = sets[0]
             z32 = w.example_inputs(batch, H, W, torch.float32, device, seed=0)[0][2]
             if encoder is not None:
-                z32 = encoder(batch, H, W).to(device)
+                z32 = encoder.ssdd(batch, H, W).to(device)
                 sets[0] = ((noise.to(dtype), t, z32.to(dtype)), noise)
+                inputs_of[label] = encoder.crops(batch, H, W)
             references[label] = (w, z32, noise)
+        elif encoder is not None and encoder.kl_vae is not None and w.model == KL_VAE:
+            sets[0] = ((encoder.kl_vae(batch, H, W).to(device, dtype),), None)
+            inputs_of[label] = encoder.crops(batch, H, W)
         if cfg.channels_last:
             sets = [(tuple(_cl(a) for a in ins), noise) for ins, noise in sets]
         try:
@@ -195,8 +200,13 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skippe
             continue
         info = infos[label]
         extra = {"backend_options": info["backend_options"]} if "backend_options" in info else {}
-        if label in references:
-            extra.update(decode_quality(calls[label], *references[label], latents="images" if encoder else "random"))
+        if label in references or label in inputs_of:
+            with torch.inference_mode():
+                out0 = calls[label](0).float().cpu()  # the timed path on input set 0
+            if label in references:
+                extra.update(decode_quality(out0, *references[label], latents="images" if encoder else "random"))
+            if label in inputs_of:  # against the input images: the reconstruction's own PSNR
+                extra["recon_psnr_db"] = psnr_8bit(out0, inputs_of[label])
         out.append(result_row(m, label, backend, info.get("dtype") or cfg.dtype, device, batch, H, W, s,
                               meas[label], memory_format="channels_last" if cfg.channels_last else "contiguous",
                               prepare_s=info["prepare_s"], memory_kind=memory[label].kind,
@@ -205,49 +215,76 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skippe
     return out
 
 
-def decode_quality(call, w: Workload, z32: torch.Tensor, noise: torch.Tensor, *, latents: str) -> dict:
-    """QUALITY_METHOD: `call(0)` (the timed path on input set 0) against the fp32 eager reference decode."""
+def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR (dB, data_range 1) of two [-1, 1] image batches after 8-bit quantisation, pooled; None if identical."""
     from ssdd_runtime.io import tensor_to_uint8
 
+    q = (torch.from_numpy(tensor_to_uint8(a)).double() - torch.from_numpy(tensor_to_uint8(b)).double()) / 255
+    mse = float((q * q).mean())
+    return None if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def decode_quality(out: torch.Tensor, w: Workload, z32: torch.Tensor, noise: torch.Tensor, *, latents: str) -> dict:
+    """QUALITY_METHOD: `out` (the timed path's decode of input set 0) against the fp32 eager reference decode."""
     with torch.inference_mode():
-        out = call(0).float().cpu()
         ref = w.decode(w.reference, (noise, None, z32), noise).float().cpu()
     err = (out - ref).abs()
-    q = (torch.from_numpy(tensor_to_uint8(out)).double() - torch.from_numpy(tensor_to_uint8(ref)).double()) / 255
-    mse = float((q * q).mean())
-    return {"quality_psnr_db": None if mse == 0 else 10 * math.log10(1 / mse),
-            "quality_max_abs_error": float(err.max()), "quality_mean_abs_error": float(err.mean()),
-            "quality_latents": latents}
+    return {"quality_psnr_db": psnr_8bit(out, ref), "quality_max_abs_error": float(err.max()),
+            "quality_mean_abs_error": float(err.mean()), "quality_latents": latents}
 
 
-def _image_encoder(cfg: Config, device) -> Callable[[int, int, int], torch.Tensor]:
-    """(batch, H, W) -> fp32 latent means of the first `batch` images of cfg.eval_images (cycled), each resized
-    and centre-cropped to H x W (PIL bicubic), encoded once per size by the checkpoint's fp32 encoder."""
+class _EvalImages:
+    """cfg.eval_images for --quality: `crops(batch, H, W)`: the first `batch` images (cycled), resized to cover
+    H x W (PIL bicubic) and centre-cropped, in [-1, 1]; `ssdd(...)`: their fp32 latent means by the checkpoint's
+    encoder; `kl_vae(...)`: by the --kl-vae-checkpoint's encoder (None without one). Each encoded once per size."""
+
+    def __init__(self, cfg: Config, device):
+        from ssdd_runtime.api import SSDD
+        from ssdd_runtime.io import list_images
+
+        self.model = SSDD.from_pretrained(cfg.checkpoint, device=device, local_files_only=True)
+        self.paths = list_images([cfg.eval_images])
+        self.cache: dict = {}
+        self.kl_vae = None
+        if cfg.kl_vae_checkpoint is not None:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(cfg.kl_vae_checkpoint, local_files_only=True).eval().to(device)
+            self.kl_vae = self._kl_vae
+
+    def crops(self, batch: int, H: int, W: int) -> torch.Tensor:
+        from ssdd_runtime.io import uint8_to_tensor
+
+        key = ("x", batch, H, W)
+        if key not in self.cache:
+            self.cache[key] = torch.cat([uint8_to_tensor(np.asarray(_cover_crop(self.paths[i % len(self.paths)], H, W)))
+                                         for i in range(batch)])
+        return self.cache[key]
+
+    def ssdd(self, batch: int, H: int, W: int) -> torch.Tensor:
+        key = ("ssdd", batch, H, W)
+        if key not in self.cache:
+            self.cache[key] = self.model.encode(self.crops(batch, H, W)).mode().float()
+        return self.cache[key]
+
+    def _kl_vae(self, batch: int, H: int, W: int) -> torch.Tensor:
+        key = ("kl", batch, H, W)
+        if key not in self.cache:
+            with torch.inference_mode():
+                x = self.crops(batch, H, W).to(self.vae.device)
+                self.cache[key] = self.vae.encode(x).latent_dist.mode().float()
+        return self.cache[key]
+
+
+def _cover_crop(path, H: int, W: int):
     from PIL import Image
 
-    from ssdd_runtime.api import SSDD
-    from ssdd_runtime.io import list_images, uint8_to_tensor
-
-    model = SSDD.from_pretrained(cfg.checkpoint, device=device, local_files_only=True)
-    paths = list_images([cfg.eval_images])
-    cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def crop(path, H: int, W: int):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-        scale = max(H / im.height, W / im.width)
-        im = im.resize((max(W, round(im.width * scale)), max(H, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - W) // 2, (im.height - H) // 2
-        return im.crop((left, top, left + W, top + H))
-
-    def encode(batch: int, H: int, W: int) -> torch.Tensor:
-        if (H, W) not in cache or len(cache[(H, W)]) < batch:
-            imgs = [crop(paths[i % len(paths)], H, W) for i in range(batch)]
-            x = torch.cat([uint8_to_tensor(np.asarray(im)) for im in imgs])
-            cache[(H, W)] = model.encode(x).mode().float()
-        return cache[(H, W)][:batch]
-
-    return encode
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    scale = max(H / im.height, W / im.width)
+    im = im.resize((max(W, round(im.width * scale)), max(H, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - W) // 2, (im.height - H) // 2
+    return im.crop((left, top, left + W, top + H))
 
 
 def result_row(model: str, label: str, backend: str, dtype: str, device, batch: int, height: int, width: int,
@@ -421,7 +458,8 @@ def speedups(results: list[dict]) -> list[dict]:
 
 CSV_FIELDS = ["model", "label", "backend", "dtype", "device", "batch", "height", "width", "steps", "memory_format",
               "images_per_s", "p50_ms", "p90_ms", "p99_ms", "peak_memory_mb", "memory_kind", "prepare_s",
-              "first_warmup_s", "weights", "quality_psnr_db", "quality_max_abs_error", "quality_mean_abs_error"]
+              "first_warmup_s", "weights", "quality_psnr_db", "quality_max_abs_error", "quality_mean_abs_error",
+              "recon_psnr_db"]
 
 
 def write_csv(report: dict, path: str) -> None:
