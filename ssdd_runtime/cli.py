@@ -875,6 +875,7 @@ def cmd_eval(args) -> int:
     from ssdd_runtime import evaluation
 
     metrics = evaluation.check_metrics(args.metrics or evaluation.METRICS)
+    evaluation.check_weights(metrics, args.inception_weights)  # before any model is loaded
     out = _output_file(args.json, flag="--json") if args.json else None
     save = _output_dir(args.save, flag="--save") if args.save else None
     if args.compare is not None:

@@ -180,19 +180,32 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
+def check_weights(metrics: Sequence[str], inception_weights: str | os.PathLike | None = None) -> None:
+    """FileNotFoundError naming the file and where to get it when a metric network's weights are missing: a given
+    --inception-weights path that is not a file, or (HF_HUB_OFFLINE=1) a file absent from the torch hub cache.
+    Cheap: the CLI calls it before loading any model, the metric constructors again."""
+    if "fid" in metrics:
+        where = f"get {INCEPTION_FILE} from {INCEPTION_URL} and pass --inception-weights PATH"
+        if inception_weights is not None:
+            if not Path(inception_weights).is_file():
+                raise FileNotFoundError(f"Inception weights not found: {inception_weights} ({where})")
+        elif _offline() and not _cached(INCEPTION_FILE).is_file():
+            raise FileNotFoundError(f"Inception weights {INCEPTION_FILE} are not in {_cached(INCEPTION_FILE).parent} "
+                                    f"and HF_HUB_OFFLINE is set: {where}")
+    cached = _cached(ALEXNET_FILE)
+    if "lpips" in metrics and _offline() and not cached.is_file():
+        raise FileNotFoundError(f"AlexNet weights {ALEXNET_FILE} (for LPIPS) are not in {cached.parent} and "
+                                f"HF_HUB_OFFLINE is set: get {ALEXNET_URL} into {cached.parent}")
+
+
 def inception(weights: str | os.PathLike | None = None, device="cpu"):
     """torch-fidelity's FID Inception-v3 (2048-d pool features of uint8 images). `weights`: its state-dict file;
     default: torch-fidelity's own download into the torch hub cache. FileNotFoundError naming the file and where
     to get it when it is missing (offline: HF_HUB_OFFLINE=1 with no cached copy, or a failed download)."""
     fx = _require("torch_fidelity.feature_extractor_inceptionv3")
+    check_weights(["fid"], weights)
     where = f"get {INCEPTION_FILE} from {INCEPTION_URL} and pass --inception-weights PATH"
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"Inception weights not found: {weights} ({where})")
-        weights = str(weights)
-    elif _offline() and not _cached(INCEPTION_FILE).is_file():
-        raise FileNotFoundError(f"Inception weights {INCEPTION_FILE} are not in {_cached(INCEPTION_FILE).parent} "
-                                f"and HF_HUB_OFFLINE is set: {where}")
+    weights = None if weights is None else str(weights)
     try:
         net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
     except OSError as e:  # URLError is an OSError: the download failed
@@ -213,11 +226,8 @@ def lpips_net(device="cpu"):
     ($TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth, downloaded when absent); the linear layers ship in
     the lpips wheel."""
     lpips = _require("lpips")
-    cached = _cached(ALEXNET_FILE)
-    where = f"get {ALEXNET_URL} into {cached.parent}"
-    if _offline() and not cached.is_file():
-        raise FileNotFoundError(f"AlexNet weights {ALEXNET_FILE} (for LPIPS) are not in {cached.parent} and "
-                                f"HF_HUB_OFFLINE is set: {where}")
+    check_weights(["lpips"])
+    where = f"get {ALEXNET_URL} into {_cached(ALEXNET_FILE).parent}"
     try:
         with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=True`, deprecated since 0.13
             warnings.simplefilter("ignore", UserWarning)
