@@ -876,11 +876,12 @@ def cmd_eval(args) -> int:
 
     metrics = evaluation.check_metrics(args.metrics or evaluation.METRICS)
     evaluation.check_weights(metrics, args.inception_weights)  # before any model is loaded
+    if args.compare is not None and (args.data is not None or args.checkpoint is not None or args.repo is not None
+                                     or args.save is not None or args.baseline is not None):
+        raise ValueError("--compare REF_DIR REC_DIR takes no DATA folder, checkpoint, --save or --baseline")
     out = _output_file(args.json, flag="--json") if args.json else None
     save = _output_dir(args.save, flag="--save") if args.save else None
     if args.compare is not None:
-        if args.data is not None or args.checkpoint is not None or args.repo is not None:
-            raise ValueError("--compare REF_DIR REC_DIR takes no DATA folder and no checkpoint")
         report = evaluation.compare(*args.compare, device=args.device, batch_size=args.batch_size, metrics=metrics,
                                     inception_weights=args.inception_weights)
     else:

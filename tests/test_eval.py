@@ -391,6 +391,10 @@ def test_missing_weights_is_one_line_before_any_decoding(tmp_path, make_checkpoi
     assert not list((tmp_path / "s").rglob("*.png"))  # failed before any image was decoded or written
     assert main(["eval", str(folder), "--checkpoint", str(ckpt), "--metrics", "psnr,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert main(["eval", "--compare", str(folder), str(folder), "--save", str(tmp_path / "s2")]) == 2
+    assert "takes no DATA folder, checkpoint, --save" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+    assert main(["eval", str(folder), "--metrics", "psnr"]) == 2
+    assert "--checkpoint or --repo is required" in capsys.readouterr().err
 
 
 def test_ctrl_c_leaves_no_partial_json_and_only_whole_pngs(tmp_path, make_checkpoint, monkeypatch, capsys):
