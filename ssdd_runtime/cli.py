@@ -875,23 +875,25 @@ def cmd_eval(args) -> int:
     from ssdd_runtime import evaluation
 
     metrics = evaluation.check_metrics(args.metrics or evaluation.METRICS)
+    if args.compare is not None:  # flag errors first, then the metric weights, then any file or model
+        if (args.data is not None or args.checkpoint is not None or args.repo is not None or args.save is not None
+                or args.baseline is not None):
+            raise ValueError("--compare REF_DIR REC_DIR takes no DATA folder, checkpoint, --save or --baseline")
+    else:
+        if args.data is None:
+            raise ValueError("give an image folder DATA (or --compare REF_DIR REC_DIR)")
+        if args.checkpoint is None and args.repo is None:
+            raise ValueError("one of --checkpoint or --repo is required (or --compare REF_DIR REC_DIR)")
+        source, filename, _ = checkpoint_source(args)
+        if args.baseline is not None:
+            evaluation.parse_baseline(args.baseline)
     evaluation.check_weights(metrics, args.inception_weights)  # before any model is loaded
-    if args.compare is not None and (args.data is not None or args.checkpoint is not None or args.repo is not None
-                                     or args.save is not None or args.baseline is not None):
-        raise ValueError("--compare REF_DIR REC_DIR takes no DATA folder, checkpoint, --save or --baseline")
     out = _output_file(args.json, flag="--json") if args.json else None
     save = _output_dir(args.save, flag="--save") if args.save else None
     if args.compare is not None:
         report = evaluation.compare(*args.compare, device=args.device, batch_size=args.batch_size, metrics=metrics,
                                     inception_weights=args.inception_weights)
     else:
-        if args.data is None:
-            raise ValueError("give an image folder DATA (or --compare REF_DIR REC_DIR)")
-        if args.baseline is not None:
-            evaluation.parse_baseline(args.baseline)
-        source, filename, revision = checkpoint_source(args) if (args.checkpoint or args.repo) else (None,) * 3
-        if source is None:
-            raise ValueError("one of --checkpoint or --repo is required (or --compare REF_DIR REC_DIR)")
         evaluation.list_images(args.data, args.limit)  # a bad folder before loading anything
         model = load_model(args)
         report = evaluation.evaluate(args.data, model=model, checkpoint=source if filename is None else None,

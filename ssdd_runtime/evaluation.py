@@ -14,7 +14,8 @@ Protocol (facts of the official evaluation, re-implemented here; no official cod
              weights-inception-2015-12-05-6726825d.pth), fed uint8; float64 running sums of the features and of
              their outer products for the reference (the cropped inputs) and the reconstructions; mean and
              unbiased covariance from the sums; the distance by torch-fidelity's `fid_statistics_to_metric`
-             (scipy `sqrtm`).
+             (torch-fidelity 0.4 takes tr sqrtm(S1 S2) as the sum of the square roots of the eigenvalues of
+             S1 S2: the scipy `sqrtm` formula, in a form stable for rank-deficient covariances; tests check both).
   PSNR       data_range 1: `psnr` pooled (one global MSE over every pixel of the set), `psnr_mean` the mean of
              per-image PSNRs.
   SSIM       scikit-image `structural_similarity(channel_axis=-1, data_range=1)`: its default 7x7 *uniform*
@@ -66,7 +67,8 @@ PROTOCOL = {
     "ssim": "skimage.metrics.structural_similarity(channel_axis=-1, data_range=1), default 7x7 uniform window",
     "lpips": "lpips.LPIPS(net='alex'), inputs in [-1, 1] zero-padded right/bottom to the next power of two",
     "fid": "torch-fidelity FeatureExtractorInceptionV3 2048-d pool features of uint8 images, float64 running sums, "
-           "reference = the cropped inputs, torch_fidelity fid_statistics_to_metric (scipy sqrtm)",
+           "reference = the cropped inputs, torch_fidelity fid_statistics_to_metric (tr sqrtm(S1 S2) from the "
+           "eigenvalues of S1 S2)",
     "mse_x1000": "1000 x mean squared error of the quantised [0, 1] images",
     "mae": "mean absolute error of the quantised [0, 1] images",
 }
@@ -144,7 +146,9 @@ def pad_pow2(x: torch.Tensor) -> torch.Tensor:
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """The Frechet distance of two Gaussians, by torch-fidelity's own function (scipy sqrtm, float64)."""
+    """The Frechet distance of two Gaussians, by torch-fidelity's own function (float64; tr sqrtm(S1 S2) from the
+    eigenvalues of S1 S2). A 2048 x 2048 non-symmetric eigen-decomposition: ~30 s on 2 busy CPU cores, once per
+    model per run."""
     metric_fid = _require("torch_fidelity.metric_fid")
     out = metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False)
     return float(out[metric_fid.KEY_METRIC_FID])
