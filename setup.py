@@ -27,12 +27,16 @@ EXTRAS = {
     # nvidia-pytriton 0.7 bundles tritonserver 2.51 (Python backend, CPU); it pins numpy<2, which only its own
     # Python side needs (ssdd serve runs the bundled server, not PyTriton): the Makefile installs it --no-deps.
     "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50"],
+    # ssdd eval: the metric networks' maintained implementations. They import torchvision, whose PyPI wheels pin
+    # their own torch: installed in a venv of its own (the Makefile's .venv-eval), never in `test`/`all`.
+    "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4", "scikit-image>=0.21", "scipy>=1.10", "torchvision"],
     "test": ["pytest>=7", "pytest-xdist>=3", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "diffusers>=0.30",
              "ray[data]>=2.10", "tritonclient[grpc]>=2.40", "matplotlib>=3.7", "protobuf>=4",
              "openvino>=2024.4", "datasets>=2.19", "accelerate>=0.31"],
 }
 EXTRAS["test"] += EXTRAS["docs"]  # the suite builds the docs site and runs its examples
-EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("tensorrt", "serve") for req in reqs})
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("tensorrt", "serve", "eval")
+                        for req in reqs})
 
 setup(
     name="ssdd-runtime",

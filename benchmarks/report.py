@@ -33,6 +33,12 @@ def table(report: dict) -> str:
             f"load avg {env.get('loadavg_start')} -> {env.get('loadavg_end')}, {env['date_utc']}")
     cols = ["model", "backend", "dtype", "batch", "HxW", "steps", "img/s", "p50 ms", "p90 ms", "p99 ms",
             "GFLOP/s (of peak)", "peak MB", "first call s"]
+    quality = any("quality_max_abs_error" in r for r in report["results"])
+    recon = any("recon_psnr_db" in r for r in report["results"])
+    if quality:
+        cols += ["PSNR vs fp32 dB", "max|err|", "mean|err|"]
+    if recon:
+        cols += ["PSNR vs input dB"]
     rows = []
     for r in report["results"]:
         lat = r["latency_ms"]
@@ -41,7 +47,8 @@ def table(report: dict) -> str:
                      _steps(r), f"{r['images_per_s']:.3f}",
                      f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}", flop_rate(r) or "-",
                      "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}",
-                     f"{r['warmup_s'][0]:.1f}" if r["warmup_s"] else "-"])
+                     f"{r['warmup_s'][0]:.1f}" if r["warmup_s"] else "-"] + (quality_cells(r) if quality else [])
+                    + ([_db(r.get("recon_psnr_db", "-"))] if recon else []))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [head, "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
@@ -52,6 +59,20 @@ def table(report: dict) -> str:
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['backend']}{' ' + s['model'] if 'model' in s else ''}: {s['reason']}")
     return "\n".join(lines)
+
+
+def quality_cells(r: dict) -> list[str]:
+    """PSNR (dB; 'identical' when equal), max and mean abs error against the fp32 eager decode (run.QUALITY_METHOD);
+    '-' for rows without them (the KL-VAE, encoders)."""
+    if "quality_max_abs_error" not in r:
+        return ["-", "-", "-"]
+    psnr = r["quality_psnr_db"]
+    return ["identical" if psnr is None else f"{psnr:.1f}", f"{r['quality_max_abs_error']:.2e}",
+            f"{r['quality_mean_abs_error']:.2e}"]
+
+
+def _db(v) -> str:
+    return "identical" if v is None else v if isinstance(v, str) else f"{v:.2f}"
 
 
 def _steps(r: dict) -> str:
@@ -145,6 +166,40 @@ def _bars(ax, rows: list[dict], ratios: list[dict]) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, title="on the bars: SSDD images/s / KL-VAE images/s, same backend", title_fontsize=7,
               loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(labels), frameon=False)
+
+
+def quality_plot(report: dict, path: str) -> None:
+    """Quality against speed: PSNR vs the fp32 eager decode (y; identical outputs drawn at the top, marked) against
+    images/s (x), one point per timed SSDD path (label, backend, dtype, batch, size)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--quality-plot needs matplotlib: pip install 'ssdd-runtime[bench]'") from e
+    rows = [r for r in report["results"] if "quality_max_abs_error" in r]
+    if not rows:
+        raise ValueError("nothing to plot: no result carries quality columns (run with --quality)")
+    finite = [r["quality_psnr_db"] for r in rows if r["quality_psnr_db"] is not None]
+    top = (max(finite) if finite else 60.0) + 5
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        y = top if r["quality_psnr_db"] is None else r["quality_psnr_db"]
+        ax.scatter(r["images_per_s"], y, marker="*" if r["quality_psnr_db"] is None else "o")
+        ax.annotate(f"{r['label']} {backend_label(r)} {r['dtype']} b{r['batch']} {r['height']}x{r['width']}",
+                    (r["images_per_s"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(top, color="gray", lw=0.5, ls=":")
+    ax.set_xlabel("images/s")
+    ax.set_ylabel(f"PSNR vs fp32 eager, dB (* at {top:.0f}: identical)")
+    ax.grid(alpha=0.3)
+    env = report["env"]
+    ax.set_title(f"SSDD decode quality vs throughput, {env['device_name']}, {env['date_utc'][:10]}", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or "png")
+    plt.close(fig)
 
 
 def load_results(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:

@@ -3,18 +3,26 @@
 images/s = batch / median latency of one full decode (all Euler steps for SSDD). The SSDD/KL-VAE ratio is
 taken from the same run, between workloads timed in the same interleaved rounds.
 
+Quality (`Config.quality`, `ssdd bench --quality`, on by default with --checkpoint): every SSDD decode row carries
+`quality_psnr_db`, `quality_max_abs_error` and `quality_mean_abs_error` of its decode of the first input set
+against the fp32 eager (reference-path) decode of the same latents and the same noise (QUALITY_METHOD). With
+`eval_images` the latents are the fp32 encodings of real images (the checkpoint's encoder) instead of random ones.
+
 CPU rows also carry `gflop` (per call, `workloads.gflop`), `gflops_achieved` = gflop / median latency and
 `peak_fraction` = gflops_achieved / the CPU's peak at the row's precision (`cpu_peak`, formula in env).
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import re
 import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ssdd_runtime import optimize
@@ -36,6 +44,13 @@ METHOD = ("latency of one full decode (all Euler steps for SSDD; post_quant_conv
           "CPU: perf_counter; images/s = batch / median latency; encoder-* workloads: one encoder forward")
 
 
+QUALITY_METHOD = ("quality_*: the row's decode of input set 0 against the fp32 eager reference-path decode of the same "
+                  "latents and noise; PSNR (dB, data_range 1) of the two 8-bit quantised images "
+                  "(round(clamp(255 (x + 1) / 2, 0, 255)) / 255), null when identical; max and mean absolute error of "
+                  "the raw [-1, 1] outputs; with --eval-images, recon_psnr_db: the same PSNR against the input images "
+                  "(the reconstruction's, for SSDD and the KL-VAE)")
+
+
 @dataclass
 class Config:
     models: list[str]
@@ -52,6 +67,8 @@ class Config:
     checkpoint: str | None = None
     kl_vae_checkpoint: str | None = None
     kl_vae_config: dict | str | None = None
+    quality: bool = False
+    eval_images: str | None = None
 
     def validate(self) -> None:
         for m in self.models:
@@ -66,6 +83,11 @@ class Config:
             raise ValueError(f"resolutions must be HxW with H, W >= 8; got {self.resolutions}")
         if self.repeats < 1 or self.warmup < 0 or self.rotate < 1:
             raise ValueError("need repeats >= 1, warmup >= 0, rotate >= 1")
+        if self.eval_images is not None:
+            if self.checkpoint is None:
+                raise ValueError("--eval-images encodes the images with the checkpoint's encoder: give --checkpoint")
+            if not os.path.isdir(self.eval_images):
+                raise FileNotFoundError(f"--eval-images folder not found: {self.eval_images}")
 
 
 def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
@@ -97,12 +119,19 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
             echo(f"skip model {m}: {e}")
             skipped.append({"model": m, "reason": f"skipped: {e}"})
             continue
+        if cfg.quality and m.startswith(SSDD_PREFIX):  # the fp32 eager reference, before the dtype cast
+            w.reference = copy.deepcopy(w.net).to(device, torch.float32)
+            optimize.use_kernels(w.reference, False)
         w.net = w.net.to(device, dtype)
         if cfg.channels_last:
             w.net = optimize.channels_last(w.net)
         workloads[(m, s)] = w
         echo(f"built {m} (steps={s}): {w.params / 1e6:.1f}M parameters, weights: {w.weights}")
     echo(f"note: {WEIGHTS_NOTE}")
+    if cfg.quality:
+        notes.append(QUALITY_METHOD + ("; latents: fp32 encodings of the images in " + cfg.eval_images
+                                       if cfg.eval_images else "; latents: random (pass --eval-images for real ones)"))
+    encoder = _EvalImages(cfg, device) if cfg.quality and cfg.eval_images else None
 
     for backend in cfg.backends:
         reason = bk.unavailable_reason(backend, device, dtype)
@@ -112,7 +141,7 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
             continue
         for (H, W) in cfg.resolutions:
             for batch in cfg.batches:
-                results += _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped)
+                results += _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped, encoder)
     if device.type == "cpu":
         for r in results:
             add_flop_rate(r, workloads[(r["model"], r["steps"])], env["cpu_peak"])
@@ -123,12 +152,23 @@ def run_benchmark(cfg: Config, *, echo: Callable[[str], None] = print) -> dict:
             "ratios_vs_kl_vae_eager_fp32": cross_ratios(results), "speedup_vs_eager_fp32": speedups(results)}
 
 
-def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped) -> list[dict]:
+def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skipped, encoder=None) -> list[dict]:
     """Prepare every workload for (backend, batch, H, W), then time them interleaved."""
-    calls, infos, inputs = {}, {}, {}
+    calls, infos, inputs, references, inputs_of = {}, {}, {}, {}, {}
     for key, w in workloads.items():
         label = _label(*key)
         sets = [w.example_inputs(batch, H, W, dtype, device, seed=i) for i in range(cfg.rotate)]
+        if getattr(w, "reference", None) is not None:  # quality: set 0's latents and noise in fp32
+            (_, t, _), noise = sets[0]
+            z32 = w.example_inputs(batch, H, W, torch.float32, device, seed=0)[0][2]
+            if encoder is not None:
+                z32 = encoder.ssdd(batch, H, W).to(device)
+                sets[0] = ((noise.to(dtype), t, z32.to(dtype)), noise)
+                inputs_of[label] = encoder.crops(batch, H, W)
+            references[label] = (w, z32, noise)
+        elif encoder is not None and encoder.kl_vae is not None and w.model == KL_VAE:
+            sets[0] = ((encoder.kl_vae(batch, H, W).to(device, dtype),), None)
+            inputs_of[label] = encoder.crops(batch, H, W)
         if cfg.channels_last:
             sets = [(tuple(_cl(a) for a in ins), noise) for ins, noise in sets]
         try:
@@ -160,12 +200,91 @@ def _run_group(cfg, backend, batch, H, W, workloads, device, dtype, echo, skippe
             continue
         info = infos[label]
         extra = {"backend_options": info["backend_options"]} if "backend_options" in info else {}
+        if label in references or label in inputs_of:
+            with torch.inference_mode():
+                out0 = calls[label](0).float().cpu()  # the timed path on input set 0
+            if label in references:
+                extra.update(decode_quality(out0, *references[label], latents="images" if encoder else "random"))
+            if label in inputs_of:  # against the input images: the reconstruction's own PSNR
+                extra["recon_psnr_db"] = psnr_8bit(out0, inputs_of[label])
         out.append(result_row(m, label, backend, info.get("dtype") or cfg.dtype, device, batch, H, W, s,
                               meas[label], memory_format="channels_last" if cfg.channels_last else "contiguous",
                               prepare_s=info["prepare_s"], memory_kind=memory[label].kind,
                               weights=w.weights, params=w.params, notes=info["notes"],
                               task="encode" if is_encoder(m) else "decode", **extra))
     return out
+
+
+def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR (dB, data_range 1) of two [-1, 1] image batches after 8-bit quantisation, pooled; None if identical."""
+    from ssdd_runtime.io import tensor_to_uint8
+
+    q = (torch.from_numpy(tensor_to_uint8(a)).double() - torch.from_numpy(tensor_to_uint8(b)).double()) / 255
+    mse = float((q * q).mean())
+    return None if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def decode_quality(out: torch.Tensor, w: Workload, z32: torch.Tensor, noise: torch.Tensor, *, latents: str) -> dict:
+    """QUALITY_METHOD: `out` (the timed path's decode of input set 0) against the fp32 eager reference decode."""
+    with torch.inference_mode():
+        ref = w.decode(w.reference, (noise, None, z32), noise).float().cpu()
+    err = (out - ref).abs()
+    return {"quality_psnr_db": psnr_8bit(out, ref), "quality_max_abs_error": float(err.max()),
+            "quality_mean_abs_error": float(err.mean()), "quality_latents": latents}
+
+
+class _EvalImages:
+    """cfg.eval_images for --quality: `crops(batch, H, W)`: the first `batch` images (cycled), resized to cover
+    H x W (PIL bicubic) and centre-cropped, in [-1, 1]; `ssdd(...)`: their fp32 latent means by the checkpoint's
+    encoder; `kl_vae(...)`: by the --kl-vae-checkpoint's encoder (None without one). Each encoded once per size."""
+
+    def __init__(self, cfg: Config, device):
+        from ssdd_runtime.api import SSDD
+        from ssdd_runtime.io import list_images
+
+        self.model = SSDD.from_pretrained(cfg.checkpoint, device=device, local_files_only=True)
+        self.paths = list_images([cfg.eval_images])
+        self.cache: dict = {}
+        self.kl_vae = None
+        if cfg.kl_vae_checkpoint is not None:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(cfg.kl_vae_checkpoint, local_files_only=True).eval().to(device)
+            self.kl_vae = self._kl_vae
+
+    def crops(self, batch: int, H: int, W: int) -> torch.Tensor:
+        from ssdd_runtime.io import uint8_to_tensor
+
+        key = ("x", batch, H, W)
+        if key not in self.cache:
+            self.cache[key] = torch.cat([uint8_to_tensor(np.asarray(_cover_crop(self.paths[i % len(self.paths)], H, W)))
+                                         for i in range(batch)])
+        return self.cache[key]
+
+    def ssdd(self, batch: int, H: int, W: int) -> torch.Tensor:
+        key = ("ssdd", batch, H, W)
+        if key not in self.cache:
+            self.cache[key] = self.model.encode(self.crops(batch, H, W)).mode().float()
+        return self.cache[key]
+
+    def _kl_vae(self, batch: int, H: int, W: int) -> torch.Tensor:
+        key = ("kl", batch, H, W)
+        if key not in self.cache:
+            with torch.inference_mode():
+                x = self.crops(batch, H, W).to(self.vae.device)
+                self.cache[key] = self.vae.encode(x).latent_dist.mode().float()
+        return self.cache[key]
+
+
+def _cover_crop(path, H: int, W: int):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    scale = max(H / im.height, W / im.width)
+    im = im.resize((max(W, round(im.width * scale)), max(H, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - W) // 2, (im.height - H) // 2
+    return im.crop((left, top, left + W, top + H))
 
 
 def result_row(model: str, label: str, backend: str, dtype: str, device, batch: int, height: int, width: int,
@@ -339,7 +458,8 @@ def speedups(results: list[dict]) -> list[dict]:
 
 CSV_FIELDS = ["model", "label", "backend", "dtype", "device", "batch", "height", "width", "steps", "memory_format",
               "images_per_s", "p50_ms", "p90_ms", "p99_ms", "peak_memory_mb", "memory_kind", "prepare_s",
-              "first_warmup_s", "weights"]
+              "first_warmup_s", "weights", "quality_psnr_db", "quality_max_abs_error", "quality_mean_abs_error",
+              "recon_psnr_db"]
 
 
 def write_csv(report: dict, path: str) -> None:

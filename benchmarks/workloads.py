@@ -74,6 +74,7 @@ class Workload:
     z_dim: int
     weights: str  # "random" or the checkpoint path
     params: int  # parameters of `net`
+    reference: nn.Module | None = None  # fp32 eager copy of `net` for the quality columns (run.decode_quality)
 
     def example_inputs(self, batch: int, height: int, width: int, dtype: torch.dtype, device,
                        seed: int = 0) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:

@@ -291,10 +291,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local diffusers AutoencoderKL folder (default: random weights)")
     p.add_argument("--kl-vae-config", default=None, metavar="JSON",
                    help="AutoencoderKL config JSON for the baseline (default: the SD-VAE f8c4 config)")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                   help="PSNR / max / mean abs error of every SSDD path against the fp32 eager decode of the same "
+                        "latents and noise (default: on with --checkpoint)")
+    p.add_argument("--eval-images", default=None, metavar="DIR",
+                   help="--quality on the fp32 encodings of these images (needs --checkpoint) instead of random "
+                        "latents")
+    p.add_argument("--quality-plot", default=None, metavar="PATH",
+                   help="write a PNG of quality (PSNR vs fp32 eager) against images/s, one point per path")
     p.add_argument("--json", default=None, metavar="PATH", help="write {'env': ..., 'results': [...]} here")
     p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV row per result here")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of images/s vs batch here")
     p.add_argument("--quiet", action="store_true", help="no per-call progress lines")
+
+    p = command("eval", cmd_eval, "reconstruction quality: rFID, PSNR, SSIM, LPIPS with the paper's protocol",
+                parents=[_checkpoint_flags(required=False), _runtime_flags(backend=True), decode, _batch_flag(8)],
+                epilog=EPILOG + " Needs pip install 'ssdd-runtime[eval]' (torch-fidelity, lpips, scikit-image). "
+                "See docs/guides/evaluate.md.",
+                description="Reconstruct the images of DATA (an ImageFolder tree or a flat folder, sorted relative "
+                "paths) with the paper's protocol: short side resized to --res (bilinear), centre crop, encode, "
+                "decode with seeded noise, both sides quantised to 8 bits; print one row per model and write the "
+                "metrics (n, psnr pooled, psnr_mean, ssim, lpips, fid, mse_x1000, mae) to --json. --compare REF "
+                "REC instead scores two folders matched by relative path (no resize). Metric weights missing "
+                "offline (HF_HUB_OFFLINE=1): a one-line error before any decoding.")
+    p.add_argument("data", nargs="?", help="image folder (ImageFolder tree or flat)")
+    p.add_argument("--res", type=_positive_int, default=256, help="resize short side + centre crop (default 256)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="the first N images in sorted order")
+    p.add_argument("--metrics", action=_Items, default=None,
+                   help="psnr,ssim,lpips,fid,mse,mae (default all)")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: its download cache)")
+    p.add_argument("--baseline", metavar="kl-vae:SRC", default=None,
+                   help="add a KL-VAE row: kl-vae:<diffusers AutoencoderKL folder or Hub id>, e.g. "
+                        "kl-vae:stabilityai/sd-vae-ft-ema")
+    p.add_argument("--compare", nargs=2, metavar=("REF_DIR", "REC_DIR"), default=None,
+                   help="score REC_DIR against REF_DIR (same relative paths, same sizes; no checkpoint)")
+    p.add_argument("--save", metavar="DIR", default=None,
+                   help="write the 8-bit crops (DIR/inputs) and reconstructions (DIR/<model>) the metrics saw")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the result JSON here")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a note recorded in the JSON (e.g. which weights these are); repeatable")
 
     p = command("stats", cmd_stats, "per-channel latent mean/std -> JSON (shard folder or images)",
                 parents=[_checkpoint_flags(required=False), runtime, _batch_flag(8)], epilog=EPILOG,
@@ -797,12 +833,16 @@ def cmd_bench(args) -> int:
                      device=args.device or device, warmup=args.warmup,
                      repeats=repeats if args.repeats is None else args.repeats, rotate=args.rotate,
                      channels_last=args.channels_last, checkpoint=args.checkpoint,
-                     kl_vae_checkpoint=args.kl_vae_checkpoint, kl_vae_config=args.kl_vae_config)
+                     kl_vae_checkpoint=args.kl_vae_checkpoint, kl_vae_config=args.kl_vae_config,
+                     quality=(args.checkpoint is not None or args.eval_images is not None) if args.quality is None
+                     else args.quality, eval_images=args.eval_images)
+    if args.quality_plot and not cfg.quality:
+        raise ValueError("--quality-plot needs --quality (on by default with --checkpoint)")
     cfg.validate()  # unknown model/backend/dtype: one-line error before anything heavy
     check_device(cfg.device)
     outputs = [(_output_file(path, flag=flag), write) for path, flag, write in (
-        (args.json, "--json", run.write_json), (args.csv, "--csv", run.write_csv), (args.plot, "--plot", report.plot))
-        if path]
+        (args.json, "--json", run.write_json), (args.csv, "--csv", run.write_csv), (args.plot, "--plot", report.plot),
+        (args.quality_plot, "--quality-plot", report.quality_plot)) if path]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -826,6 +866,53 @@ def cmd_bench(args) -> int:
             write(result, str(tmp))
         print(f"wrote {path}")
     return 0 if result["results"] else 1
+
+
+# -- eval -----------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    from ssdd_runtime import evaluation
+
+    metrics = evaluation.check_metrics(args.metrics or evaluation.METRICS)
+    if args.compare is not None:  # flag errors first, then the metric weights, then any file or model
+        if (args.data is not None or args.checkpoint is not None or args.repo is not None or args.save is not None
+                or args.baseline is not None):
+            raise ValueError("--compare REF_DIR REC_DIR takes no DATA folder, checkpoint, --save or --baseline")
+    else:
+        if args.data is None:
+            raise ValueError("give an image folder DATA (or --compare REF_DIR REC_DIR)")
+        if args.checkpoint is None and args.repo is None:
+            raise ValueError("one of --checkpoint or --repo is required (or --compare REF_DIR REC_DIR)")
+        source, filename, _ = checkpoint_source(args)
+        if args.baseline is not None:
+            evaluation.parse_baseline(args.baseline)
+    evaluation.check_weights(metrics, args.inception_weights)  # before any model is loaded
+    out = _output_file(args.json, flag="--json") if args.json else None
+    save = _output_dir(args.save, flag="--save") if args.save else None
+    if args.compare is not None:
+        report = evaluation.compare(*args.compare, device=args.device, batch_size=args.batch_size, metrics=metrics,
+                                    inception_weights=args.inception_weights)
+    else:
+        evaluation.list_images(args.data, args.limit)  # a bad folder before loading anything
+        model = load_model(args)
+        report = evaluation.evaluate(args.data, model=model, checkpoint=source if filename is None else None,
+                                     res=args.res, limit=args.limit, steps=args.steps, t_pow_shift=args.t_pow_shift,
+                                     seed=args.seed, device=args.device, dtype=args.dtype, backend=args.backend,
+                                     batch_size=args.batch_size, metrics=metrics,
+                                     inception_weights=args.inception_weights, baseline=args.baseline, save=save,
+                                     notes=args.note)
+    print(evaluation.table(report))
+    data = report["data"]
+    if data["bad_images"]:
+        print(f"skipped {data['n_bad']} unreadable image(s): "
+              + ", ".join(b["path"] for b in data["bad_images"][:5]) + (" ..." if data["n_bad"] > 5 else ""))
+    if out is not None:
+        from ssdd_runtime.benchmarks.schema import write_json
+
+        write_json(report, out)
+        print(f"wrote {out}")
+    return 0
 
 
 class Interrupted(KeyboardInterrupt):

@@ -70,3 +70,6 @@ def pytest_configure(config):
     # then crashes the whole pytest process (reproduced: test_bench's OpenVINO tests followed by test_data's
     # 2-worker DataLoader -> SIGSEGV). `make test` therefore runs the tests marked `openvino` in a second process.
     config.addinivalue_line("markers", "openvino: loads OpenVINO in-process (run apart: make test does)")
+    # torchvision-based metric libraries (torch-fidelity, lpips) need torch 2.14.1 + torchvision 0.29.1, which
+    # cannot share the main venv's torch 2.13.0: `make test` runs these in .venv-eval (Makefile), apart.
+    config.addinivalue_line("markers", "eval: needs the eval extra (torchvision, torch-fidelity, lpips): .venv-eval")

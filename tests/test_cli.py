@@ -65,7 +65,7 @@ def test_help(cmd):
 
 COMMANDS = [["encode"], ["decode"], ["reconstruct"], ["demo"], ["export"], ["export", "onnx"],
             ["export", "tensorrt"], ["export", "trtexec-cmd"], ["export", "triton-repo"], ["bench"], ["stats"],
-            ["tokenize"], ["detokenize"]]
+            ["tokenize"], ["detokenize"], ["eval"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
