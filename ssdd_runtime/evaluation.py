@@ -434,6 +434,9 @@ def run_metrics(items, load, models: dict[str, Callable | None], *, metrics=METR
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    if items and all(acc.n == 0 for acc in accs.values()):
+        first = "; ".join(f"{b['path']}: {b['error']}" for b in bad[:2])
+        raise ValueError(f"none of the {len(items)} image(s) could be read ({first}{'; ...' if len(bad) > 2 else ''})")
     rows = {name: acc.result(reference) for name, acc in accs.items()}
     return {"rows": rows, "bad_images": bad, "seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
 

@@ -395,6 +395,16 @@ def test_missing_weights_is_one_line_before_any_decoding(tmp_path, make_checkpoi
     assert "takes no DATA folder, checkpoint, --save" in capsys.readouterr().err and not (tmp_path / "s2").exists()
     assert main(["eval", str(folder), "--metrics", "psnr"]) == 2
     assert "--checkpoint or --repo is required" in capsys.readouterr().err
+    # a folder of unreadable files only: one line, exit 2, no JSON (not a row of n=0 with exit 0)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_text("not an image")
+    (junk / "b.jpg").write_bytes(b"\xff\xd8\xff")
+    out = tmp_path / "junk.json"
+    assert main(["eval", str(junk), "--checkpoint", str(ckpt), "--res", "16", "--metrics", "psnr,mse",
+                 "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 image(s) could be read" in err and "a.png" in err and not out.exists()
 
 
 def test_ctrl_c_leaves_no_partial_json_and_only_whole_pngs(tmp_path, make_checkpoint, monkeypatch, capsys):
