@@ -169,19 +169,26 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[EncoderConfig | N
                      f"{heads} heads); known sizes: {', '.join(DECODER_SIZES)}")
 
 
+def check_keys(source: str, *, missing=(), unexpected=(), wrong=()) -> None:
+    """The strict-loading verdict shared by `check_state_dict` and `SSDDVAE.from_pretrained` (diffusers folders):
+    ValueError naming the first few missing keys, unexpected keys and wrong shapes; nothing is loaded."""
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        items = list(items)
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {what}: {', '.join(map(str, items[:5]))}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the SSDD architecture: " + "; ".join(problems))
+
+
 def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], *, source: str) -> None:
     """Strict key and shape match, naming the first few offenders of each kind."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k}: expected {tuple(s)}, found {tuple(found[k].shape)}"
              for k, s in expected.items() if k in found and found[k].shape != s]
-    problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            problems.append(f"{len(items)} {what}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise ValueError(f"{source} does not match the SSDD architecture: " + "; ".join(problems))
+    check_keys(source, missing=missing, unexpected=unexpected, wrong=wrong)
     bad = [k for k, t in found.items() if not t.is_floating_point()]
     if bad:
         raise ValueError(f"{source}: non-floating-point tensors {bad[:5]}")

@@ -73,7 +73,7 @@ from ssdd_runtime.latents import checkpoint_id
 from ssdd_runtime.model import SSDDModule, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT, per_image_noise, randn, seeded_noise
 from ssdd_runtime.sdvae import SDVAEEncoder
-from ssdd_runtime.weights import KNOWN_FILES
+from ssdd_runtime.weights import KNOWN_FILES, check_keys
 
 NOISE_CACHE_SIZES = 8  # image sizes whose seeded start noise is kept (3*H*W fp32 each)
 
@@ -180,9 +180,20 @@ class SSDDVAE(ModelMixin, ConfigMixin):
                 raise FileNotFoundError(f"{folder} has no {cls.config_name}: pass a folder written by "
                                         "SSDDVAE.save_pretrained, or an SSDD checkpoint (a .safetensors path, or "
                                         "a folder/Hub repo plus filename=)")
-            vae = super().from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, revision=revision,
-                                          local_files_only=local_files_only, cache_dir=cache_dir, **options)
-            return vae if device is None else vae.to(device)
+            if folder.is_dir():
+                _check_weights_file(folder, options.get("variant"))
+            loading_info = options.pop("output_loading_info", False)
+            # Strict, as SSDD.from_pretrained: diffusers only logs missing keys and leaves them on `meta` (or
+            # freshly initialised), which decodes a finite, wrong image. Its loading report decides here.
+            vae, info = super().from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, revision=revision,
+                                                local_files_only=local_files_only, cache_dir=cache_dir,
+                                                output_loading_info=True, **options)
+            check_keys(f"{folder} ({_weights_name(options.get('variant'))})", missing=info["missing_keys"],
+                       unexpected=info["unexpected_keys"], wrong=info["mismatched_keys"])
+            on_meta = [k for k, t in vae.state_dict().items() if t.is_meta]
+            check_keys(f"{folder} ({_weights_name(options.get('variant'))})", missing=on_meta)
+            vae = vae if device is None else vae.to(device)
+            return (vae, info) if loading_info else vae
         if subfolder:
             if filename is None:
                 raise ValueError(f"subfolder={subfolder!r} needs filename= (the checkpoint inside it)")
@@ -353,6 +364,19 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         dist = self.encode(sample).latent_dist
         z = dist.sample(generator=generator) if sample_posterior else dist.mode()
         return self.decode(z, return_dict=return_dict, generator=generator)
+
+
+def _weights_name(variant: str | None) -> str:
+    return "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+
+
+def _check_weights_file(folder: Path, variant: str | None) -> None:
+    """A saved SSDDVAE folder holds its weights as safetensors (one file, or shards with an index); say which
+    file is missing, rather than diffusers' fallback to pickled `.bin` weights ("unsafe serialization")."""
+    name = _weights_name(variant)
+    if not ((folder / name).is_file() or (folder / f"{name}.index.json").is_file()):
+        raise FileNotFoundError(f"{folder / name} not found: a folder written by SSDDVAE.save_pretrained holds "
+                                f"config.json and {name} (or its shards with {name}.index.json)")
 
 
 def _widths(enc) -> tuple[int, ...]:
