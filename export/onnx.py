@@ -478,17 +478,44 @@ def _to_fp16(proto, *, large: bool):
 # Inspection and checks
 
 
+def load_graph(path):
+    """The ModelProto of the graph file at `path` (weights in external data left unread). A file that is not an
+    ONNX model (text, truncated, another format) is a ValueError naming it, not protobuf's DecodeError."""
+    onnx = _require("onnx")
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}" if not path.exists() else
+                                f"{path} is not a regular file, expected an .onnx graph")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not an ONNX model (truncated or another format?): {e}") from None
+
+
+def check_onnx_file(path) -> dict[str, str]:
+    """The one check of a graph handed to `export trtexec-cmd`/`tensorrt`/`triton-repo`: an ONNX model with
+    inputs and outputs, written by `export_onnx` (its `ssdd.*` metadata, returned, name the part and shapes)."""
+    proto = load_graph(path)
+    if not proto.graph.input or not proto.graph.output:
+        raise ValueError(f"{path} is not an exported SSDD graph: it has {len(proto.graph.input)} inputs and "
+                         f"{len(proto.graph.output)} outputs (empty or another kind of ONNX file?)")
+    meta = {p.key: p.value for p in proto.metadata_props if p.key.startswith("ssdd.")}
+    if meta.get("ssdd.part") not in ("decoder", "encoder"):
+        raise ValueError(f"{path} has no ssdd.* metadata: export it with `ssdd export onnx`")
+    return meta
+
+
 def read_metadata(path) -> dict[str, str]:
     """The `ssdd.*` metadata an export writes (part, encoder, decoder, stride, z_dim, steps, dtype)."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_graph(path)
     return {p.key: p.value for p in proto.metadata_props if p.key.startswith("ssdd.")}
 
 
 def graph_io(path) -> dict[str, list[tuple[str, int, tuple]]]:
     """{"inputs": [(name, onnx elem_type, dims)], "outputs": [...]}, dims as ints or dim_param strings."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_graph(path)
 
     def rows(values):
         return [(v.name, v.type.tensor_type.elem_type,

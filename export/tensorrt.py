@@ -141,12 +141,9 @@ def make_profile(min_shape: str, opt_shape: str, max_shape: str, *, part: str = 
 
 def profile_for_onnx(onnx_path, min_shape: str, opt_shape: str, max_shape: str) -> Profile:
     """`make_profile` with part, stride and latent channels read from the graph's `ssdd.*` metadata."""
-    from ssdd_runtime.export.onnx import read_metadata
+    from ssdd_runtime.export.onnx import check_onnx_file
 
-    meta = read_metadata(onnx_path)
-    if "ssdd.part" not in meta:
-        raise ValueError(f"{onnx_path} has no ssdd.* metadata: export it with `ssdd export onnx` "
-                         "(or pass per-input shapes name:BxCxHxW)")
+    meta = check_onnx_file(onnx_path)
     if meta["ssdd.part"] == "decoder":
         inputs = ("latent_sample", "seed") if meta.get("ssdd.noise") == "graph" else ("latent_sample", "noise")
     else:

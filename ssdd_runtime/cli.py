@@ -749,13 +749,13 @@ def cmd_export_tensorrt(args) -> int:
 
 
 def cmd_export_triton_repo(args) -> int:
-    from ssdd_runtime.export.onnx import read_metadata
-    from ssdd_runtime.export.triton_repo import write_triton_repo
+    from ssdd_runtime.export.onnx import check_onnx_file
+    from ssdd_runtime.export.triton_repo import check_model_name, write_triton_repo
 
     if Path(args.repo).exists() and not Path(args.repo).is_dir():
         raise NotADirectoryError(f"--repo {args.repo} is a file, expected a folder")
     backend = args.backend or ("tensorrt" if args.engine else "onnxruntime")
-    name = args.name or f"ssdd_{read_metadata(args.onnx).get('ssdd.part', 'model')}"
+    name = check_model_name(args.name) if args.name is not None else f"ssdd_{check_onnx_file(args.onnx)['ssdd.part']}"
     model_dir = write_triton_repo(args.repo, onnx_path=args.onnx, engine_path=args.engine, name=name,
                                   backend=backend, max_batch_size=args.max_batch_size,
                                   instance_count=args.instances, kind=args.kind,

@@ -97,3 +97,67 @@ def test_diffusers_folder_without_weights_names_the_file(vae_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors not found") as e:
         SSDDVAE.from_pretrained(folder)
     assert ".bin" not in str(e.value) and "unsafe" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Found 8, 9: export triton-repo confines the model folder and checks the graph (the check trtexec-cmd shares)
+
+
+@pytest.fixture(scope="module")
+def decoder_onnx(model, tmp_path_factory):
+    pytest.importorskip("onnx", reason="onnx not installed (pip install 'ssdd-runtime[onnx]')")
+    from ssdd_runtime.export.onnx import export_onnx
+
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "decoder.onnx", part="decoder", steps=1)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b"])
+def test_cli_triton_repo_refuses_bad_model_names(decoder_onnx, tmp_path, name):
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli("export", "triton-repo", "--onnx", decoder_onnx, "--repo", work / "repo", "--name", name,
+                   cwd=work)
+    assert "invalid Triton model name" in one_line_error(proc)
+    assert _files(tmp_path) == ["work"], "nothing may be written, inside or outside --repo"
+
+
+def test_cli_triton_repo_good_name_stays_inside_repo(decoder_onnx, tmp_path):
+    proc = run_cli("export", "triton-repo", "--onnx", decoder_onnx, "--repo", tmp_path / "repo", "--name", "m_1")
+    assert proc.returncode == 0, proc.stderr
+    assert _files(tmp_path) == ["repo", "repo/m_1", "repo/m_1/1", "repo/m_1/1/model.onnx", "repo/m_1/config.pbtxt"]
+
+
+@pytest.mark.parametrize("content, target", [(b"this is not a graph\n", "triton-repo"), (b"", "triton-repo"),
+                                             (b"\x08\x07", "trtexec-cmd")])
+def test_cli_export_refuses_a_file_that_is_not_an_exported_graph(tmp_path, content, target):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(content)
+    if target == "triton-repo":
+        args = ["--repo", tmp_path / "repo"]
+    else:
+        args = ["--engine", tmp_path / "e.plan", "--min-shape", "1x32x32", "--opt-shape", "1x32x32",
+                "--max-shape", "1x32x32"]
+    proc = run_cli("export", target, "--onnx", bad, *args)
+    line = one_line_error(proc)
+    assert str(bad) in line and ("not an ONNX model" in line or "not an exported SSDD graph" in line
+                                 or "no ssdd.* metadata" in line), line
+    assert _files(tmp_path) == ["model.onnx"]
+
+
+def test_triton_repo_library_refuses_bad_name_and_bad_graph(decoder_onnx, tmp_path):
+    from ssdd_runtime.export.triton_repo import write_triton_repo
+
+    for name in ("../up", "..", ".", ".hidden", "a\\b", "x/y"):
+        with pytest.raises(ValueError, match="invalid Triton model name"):
+            write_triton_repo(tmp_path / "repo", onnx_path=decoder_onnx, name=name)
+    with pytest.raises(ValueError, match="non-empty"):
+        write_triton_repo(tmp_path / "repo", onnx_path=decoder_onnx, name="")
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="is not an ONNX model"):
+        write_triton_repo(tmp_path / "repo", onnx_path=text, name="m")
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "up").exists()
