@@ -161,3 +161,56 @@ def test_triton_repo_library_refuses_bad_name_and_bad_graph(decoder_onnx, tmp_pa
     with pytest.raises(ValueError, match="is not an ONNX model"):
         write_triton_repo(tmp_path / "repo", onnx_path=text, name="m")
     assert not (tmp_path / "repo").exists() and not (tmp_path / "up").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Found 10: the OpenVINO cache is verified against recorded sha256 digests before use
+
+
+@pytest.fixture(scope="module")
+def eov():
+    pytest.importorskip("openvino", reason="needs the openvino extra: pip install 'ssdd-runtime[openvino]'")
+    from ssdd_runtime.export import openvino as eov
+
+    return eov
+
+
+def _ov_decode(eov, model, cache_dir, **kw):
+    ov = eov.to_openvino(model, threads=1, cache_dir=cache_dir, **kw)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return ov.decode(z4(), noise=noise), model.decode(z4(), noise=noise)
+
+
+def _zero_mib(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2 - (1 << 19))
+        f.write(bytes(min(1 << 20, size)))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize("damage", ["zero 1 MiB of the .bin", "truncate the .bin", "truncate the .xml",
+                                    "zero 1 MiB of the compiled blob", "record from another OpenVINO"])
+def test_damaged_openvino_cache_is_rebuilt_with_a_warning(eov, model, tmp_path, damage):
+    out, ref = _ov_decode(eov, model, tmp_path)
+    assert (out - ref).abs().max() < 1e-4
+    ir = sorted((tmp_path / "ir").glob("decoder-*.xml"))[0]
+    blobs = [f for f in (tmp_path / "compiled").rglob("*") if f.is_file() and ir.stem in str(f)
+             and f.suffix != ".sha256"]
+    assert blobs, "the first compile left a blob"
+    if damage == "zero 1 MiB of the .bin":
+        _zero_mib(ir.with_suffix(".bin"))
+    elif damage.startswith("truncate"):
+        victim = ir.with_suffix(".bin" if ".bin" in damage else ".xml")
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 3)
+    elif damage == "zero 1 MiB of the compiled blob":
+        _zero_mib(max(blobs, key=lambda f: f.stat().st_size))
+    else:
+        record = ir.with_suffix(".sha256")
+        record.write_text(record.read_text().replace(f'"{eov._require_openvino().__version__}"', '"2000.0.0"'))
+    with pytest.warns(RuntimeWarning, match="OpenVINO cache: the .* is rebuilt because"):
+        out, ref = _ov_decode(eov, model, tmp_path)
+    assert (out - ref).abs().max() < 1e-4, f"decoded from a damaged cache ({damage})"
+    assert eov.verified_cache(ir.with_suffix(".sha256"), [ir, ir.with_suffix(".bin")]) is None
