@@ -300,8 +300,8 @@ def compile_ir(xml, *, precision: str = "f32", threads: int | None = None, hint:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise RuntimeError(f"OpenVINO could not compile {xml}: {first}. If the cache is damaged, delete "
                            f"{xml.parent.parent} (it is rebuilt on the next load)") from e
-    if cache and not record.is_file() and blob_dir.is_dir() and any(blob_dir.iterdir()):
-        record_cache(record, _blob_files(blob_dir))
+    if cache and blob_dir.is_dir() and any(blob_dir.iterdir()):  # verified above, or just written: record
+        record_cache(record, _blob_files(blob_dir))  # (another thread count adds a blob to the same folder)
     return compiled
 
 

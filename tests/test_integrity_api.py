@@ -189,28 +189,57 @@ def _zero_mib(path: Path) -> None:
     assert path.stat().st_size == size
 
 
-@pytest.mark.openvino
-@pytest.mark.parametrize("damage", ["zero 1 MiB of the .bin", "truncate the .bin", "truncate the .xml",
-                                    "zero 1 MiB of the compiled blob", "record from another OpenVINO"])
-def test_damaged_openvino_cache_is_rebuilt_with_a_warning(eov, model, tmp_path, damage):
-    out, ref = _ov_decode(eov, model, tmp_path)
+@pytest.fixture(scope="module")
+def ov_cache(eov, model, tmp_path_factory):
+    """A complete OpenVINO cache (both IRs, the decoder's compiled blob); tests damage copies of it."""
+    cache = tmp_path_factory.mktemp("ov") / "cache"
+    out, ref = _ov_decode(eov, model, cache)
     assert (out - ref).abs().max() < 1e-4
-    ir = sorted((tmp_path / "ir").glob("decoder-*.xml"))[0]
-    blobs = [f for f in (tmp_path / "compiled").rglob("*") if f.is_file() and ir.stem in str(f)
-             and f.suffix != ".sha256"]
+    return cache
+
+
+def _cache_copy(ov_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(ov_cache, cache)
+    ir = sorted((cache / "ir").glob("decoder-*.xml"))[0]
+    blobs = [f for f in (cache / "compiled").rglob("*") if f.is_file() and f.parent.name.startswith(ir.stem)]
     assert blobs, "the first compile left a blob"
-    if damage == "zero 1 MiB of the .bin":
-        _zero_mib(ir.with_suffix(".bin"))
-    elif damage.startswith("truncate"):
-        victim = ir.with_suffix(".bin" if ".bin" in damage else ".xml")
-        with open(victim, "r+b") as f:
-            f.truncate(victim.stat().st_size // 3)
-    elif damage == "zero 1 MiB of the compiled blob":
-        _zero_mib(max(blobs, key=lambda f: f.stat().st_size))
-    else:
-        record = ir.with_suffix(".sha256")
-        record.write_text(record.read_text().replace(f'"{eov._require_openvino().__version__}"', '"2000.0.0"'))
-    with pytest.warns(RuntimeWarning, match="OpenVINO cache: the .* is rebuilt because"):
-        out, ref = _ov_decode(eov, model, tmp_path)
+    return cache, ir, blobs
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize("damage", ["IR .bin", "compiled blob"])
+def test_openvino_cache_with_zeroed_mib_is_rebuilt_with_a_warning(eov, model, ov_cache, tmp_path, damage):
+    """The issue's repro: 1 MiB zeroed inside a cached file, size kept, decoded max diff 0.52 before."""
+    cache, ir, blobs = _cache_copy(ov_cache, tmp_path)
+    _zero_mib(ir.with_suffix(".bin") if damage == "IR .bin" else max(blobs, key=lambda f: f.stat().st_size))
+    with pytest.warns(RuntimeWarning, match="OpenVINO cache: the .* is rebuilt because .* does not match its "
+                                            "recorded sha256"):
+        out, ref = _ov_decode(eov, model, cache)
     assert (out - ref).abs().max() < 1e-4, f"decoded from a damaged cache ({damage})"
     assert eov.verified_cache(ir.with_suffix(".sha256"), [ir, ir.with_suffix(".bin")]) is None
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize("damage, why", [("truncate .xml", "does not match"), ("truncate .bin", "does not match"),
+                                         ("another OpenVINO", "written by OpenVINO 2000.0.0"),
+                                         ("no record", "sha256 record.*missing"),
+                                         ("garbled record", "unreadable")])
+def test_openvino_cache_entry_that_fails_verification_is_removed(eov, ov_cache, tmp_path, damage, why):
+    cache, ir, blobs = _cache_copy(ov_cache, tmp_path)
+    record = ir.with_suffix(".sha256")
+    if damage.startswith("truncate"):
+        victim = ir.with_suffix(damage[-4:])
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 3)
+    elif damage == "another OpenVINO":
+        record.write_text(record.read_text().replace(f'"{eov._require_openvino().__version__}"', '"2000.0.0"'))
+    elif damage == "no record":
+        record.unlink()
+    else:
+        record.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match=why):
+        assert eov._cached_ir(ir) is False
+    assert not ir.exists() and not ir.with_suffix(".bin").exists() and not record.exists()
+    assert not any(b.exists() for b in blobs), "blobs compiled from a damaged IR go with it"
+    assert eov._cached_ir(sorted((cache / "ir").glob("encoder-*.xml"))[0]) is True  # the intact part stays
