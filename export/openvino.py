@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssdd_runtime.checks import _check_finite, _check_tensor, _chunks, check_sampler_args, start_noise
+from ssdd_runtime.checks import (_check_finite, _check_tensor, _chunks, check_image_range, check_sampler_args,
+                                 start_noise)
 from ssdd_runtime.model import DiagonalGaussian, SSDDModule
 from ssdd_runtime.sampler import T_POW_SHIFT, TIMESCALE, euler_sample, randn
 
@@ -54,7 +55,7 @@ PRECISIONS = {"f32": "f32", "fp32": "f32", "float32": "f32", torch.float32: "f32
               "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16", "int8": "int8"}
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PARTS = ("decoder", "encoder")
-FORMAT = 2  # 2: IR files carry a .sha256 record. Bump when the converted graphs change: old IR files are then never read again
+FORMAT = 2  # 2: IR files carry a .sha256 record. Bump when the graphs change: old IR files are never read again
 DECODER_INPUTS, ENCODER_INPUTS = ("x", "t", "z"), ("image",)
 
 
@@ -420,6 +421,7 @@ class OpenVINOEncoder(_Part):
             raise ValueError(f"image height and width must be multiples of the encoder stride {self.stride}, "
                              f"got {x.shape[2]}x{x.shape[3]}")
         _check_finite("image", x)
+        check_image_range(x)
         moments = [self._with_fp32_fallback("encode", lambda net: net(xb)) for xb in _chunks(x, batch_size)]
         mean = torch.cat([m for m, _ in moments])
         logvar = torch.cat([lv for _, lv in moments])

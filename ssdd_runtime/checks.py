@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -62,9 +63,25 @@ def start_noise(z: torch.Tensor, stride: int, noise, generator, device) -> torch
     shape = (B, 3, h * stride, w * stride)
     if noise is None:
         return randn(shape, generator=generator, device=device)
+    if generator is not None:  # the generator would be silently unused
+        raise ValueError("pass noise= or generator=, not both (the generator draws the start noise)")
     _check_tensor("noise", noise)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
                          f"got {tuple(noise.shape)}")
     _check_finite("noise", noise)
     return noise
+
+
+IMAGE_RANGE_SLACK = 1.5  # |x| above this is no [-1, 1] image (resampling overshoot stays far below)
+
+
+def check_image_range(x: torch.Tensor) -> None:
+    """Encoders read images in [-1, 1]. Values far outside (0..255 pixels, a forgotten normalisation) encode to
+    latents the decoder was never trained on: warn, naming the range found and the conversion."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -IMAGE_RANGE_SLACK or hi > IMAGE_RANGE_SLACK:
+        hint = (" (0..255 pixel values? use x / 127.5 - 1)" if lo >= 0 and hi > 2
+                else " (0..1 values? use x * 2 - 1)" if lo >= 0 else "")
+        warnings.warn(f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}", UserWarning,
+                      stacklevel=3)

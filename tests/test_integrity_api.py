@@ -243,3 +243,99 @@ def test_openvino_cache_entry_that_fails_verification_is_removed(eov, ov_cache, 
     assert not ir.exists() and not ir.with_suffix(".bin").exists() and not record.exists()
     assert not any(b.exists() for b in blobs), "blobs compiled from a damaged IR go with it"
     assert eov._cached_ir(sorted((cache / "ir").glob("encoder-*.xml"))[0]) is True  # the intact part stays
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weak messages: library API (SSDD, shared with the OpenVINO/TensorRT runners through checks.py)
+
+
+def test_decode_accepts_numpy_integers_for_tile_as_for_steps(model):
+    z = z4()
+    ref = model.decode(z, steps=2, tile=4, generator=torch.Generator().manual_seed(0))
+    out = model.decode(z, steps=np.int64(2), tile=np.int64(4), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for bad in (True, 4.0, np.float32(4), 0, -2):
+        with pytest.raises(ValueError, match="tile must be a positive integer"):
+            model.decode(z, tile=bad)
+
+
+def test_decode_tile_larger_than_the_latent_is_the_untiled_decode(model):
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.decode(z4(), noise=noise, tile=64), model.decode(z4(), noise=noise),
+                               rtol=0, atol=1e-5)
+
+
+def test_decode_refuses_noise_with_generator(model):
+    noise = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="pass noise= or generator=, not both"):
+        model.decode(z4(), noise=noise, generator=torch.Generator().manual_seed(0))
+
+
+def test_encode_warns_on_images_outside_minus_one_one(model):
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
+    with pytest.warns(UserWarning, match=r"images must be in \[-1, 1\], got values in .*0\.\.255"):
+        model.encode(img)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.encode(img / 127.5 - 1)  # in range: silent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weak messages: SSDDVAE
+
+
+@pytest.fixture(scope="module")
+def vae(model):
+    pytest.importorskip("diffusers", reason="diffusers not installed (pip install 'ssdd-runtime[diffusers]')")
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    return SSDDVAE.from_model(copy.deepcopy(model), sample_size=32)
+
+
+def test_vae_decode_of_a_numpy_array_names_the_type(vae):
+    with pytest.raises(TypeError, match="latents must be a torch.Tensor .*numpy.ndarray"):
+        vae.decode(z4().numpy())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(shift_factor=float("nan")), "shift_factor must be a finite number"),
+    (dict(shift_factor=float("inf")), "shift_factor must be a finite number"),
+    (dict(t_pow_shift=float("nan")), "t_pow_shift must be a finite number"),
+    (dict(t_pow_shift=-1.0), "must be positive"),
+    (dict(latents_mean=[0, float("nan"), 0, 0], latents_std=[1, 1, 1, 1]), "latents_mean must hold finite"),
+    (dict(latents_mean=[0, 0, 0, 0], latents_std=[1, float("inf"), 1, 1]), "latents_std must hold finite"),
+    (dict(sample_size=0), "sample_size must be a positive integer"),
+    (dict(sample_size=32.5), "sample_size must be a positive integer"),
+])
+def test_vae_from_model_refuses_non_finite_or_empty_config(model, kw, match):
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    with pytest.raises(ValueError, match=match):
+        SSDDVAE.from_model(model, **kw)
+
+
+def test_vae_from_model_keeps_numpy_numbers_json_plain(model, tmp_path):
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    vae = SSDDVAE.from_model(copy.deepcopy(model), sample_size=np.int64(32), t_pow_shift=np.float32(2.0))
+    vae.save_pretrained(tmp_path / "v")
+    assert SSDDVAE.from_pretrained(tmp_path / "v").config.sample_size == 32
+
+
+def test_vae_corrupt_latent_stats_names_the_file(model, tmp_path):
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"scaling_factor": 0.5, ')
+    with pytest.raises(ValueError, match=f"latent_stats {stats} is not a JSON file"):
+        SSDDVAE.from_model(model, latent_stats=stats)
+
+
+def test_vae_save_pretrained_onto_a_file_is_an_error(vae, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    with pytest.raises(FileExistsError, match="is an existing file"):
+        vae.save_pretrained(target)
+    assert target.read_text() == "keep me"

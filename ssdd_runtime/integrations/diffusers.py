@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -141,8 +143,21 @@ class SSDDVAE(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name} must hold one value per latent channel ({z_dim}), got {len(values)}")
         if (latents_mean is None) != (latents_std is None):
             raise ValueError("latents_mean and latents_std go together (pipelines read both or neither)")
+        for name, value in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor),
+                            ("t_pow_shift", t_pow_shift)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not scaling_factor > 0 or not t_pow_shift > 0:
+            raise ValueError(f"scaling_factor and t_pow_shift must be positive, got {scaling_factor!r} and "
+                             f"{t_pow_shift!r}")
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if values is not None and not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must hold finite numbers, got {list(values)}")
         if latents_std is not None and not all(s > 0 for s in latents_std):
             raise ValueError(f"latents_std must be positive, got {latents_std}")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, numbers.Integral) or sample_size < 1:
+            raise ValueError(f"sample_size must be a positive integer (image pixels), got {sample_size!r}")
         self.register_to_config(**derived)
         self.ssdd.checkpoint = checkpoint  # what latent metadata names (latents.checkpoint_id)
         self.ssdd.eval().requires_grad_(False)
@@ -216,6 +231,8 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         if not isinstance(model, SSDD):
             raise TypeError(f"model must be an ssdd_runtime.SSDD (from SSDD.from_pretrained / from_state_dict), "
                             f"got {type(model).__name__}")
+        if latent_stats is not None and not isinstance(latent_stats, dict):
+            latent_stats = _read_stats(latent_stats)
         name = known_file(getattr(model, "checkpoint", None))
         entry = KNOWN_FILES.get(name)
         if scaling_factor is None and latent_stats is None and entry is not None:
@@ -223,9 +240,7 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         scale, shift = latent_normalization(stats=latent_stats, scaling_factor=scaling_factor,
                                             shift_factor=shift_factor)
         if latent_stats is not None and latents_mean is None and latents_std is None:
-            stats = latent_stats if isinstance(latent_stats, dict) else json.loads(
-                Path(latent_stats).read_text(encoding="utf-8"))
-            latents_mean, latents_std = stats.get("channel_mean"), stats.get("channel_std")
+            latents_mean, latents_std = latent_stats.get("channel_mean"), latent_stats.get("channel_std")
         if decode_steps is None:
             decode_steps = entry.steps if entry is not None and entry.steps is not None else 1
         if t_pow_shift is None:
@@ -239,12 +254,19 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         with torch.device("meta"):  # placeholder weights cost nothing; replaced by `model` just below
             vae = cls(encoder=model.encoder_name, decoder=model.decoder_config.size, scaling_factor=scale,
                       shift_factor=shift, latents_mean=_floats(latents_mean), latents_std=_floats(latents_std),
-                      sample_size=int(sample_size), decode_steps=decode_steps, t_pow_shift=float(t_pow_shift),
+                      sample_size=_plain(sample_size), decode_steps=decode_steps, t_pow_shift=_plain(t_pow_shift),
                       noise_seed=noise_seed, sdvae_config=sdvae_config,
                       checkpoint=checkpoint_id(getattr(model, "checkpoint", None)) or None)
         vae.ssdd = model
         vae.sdvae = model.encoder.vae if sdvae_config is not None else None
         return vae.eval().requires_grad_(False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' save_pretrained (config.json + diffusion_pytorch_model.safetensors), except that a
+        `save_directory` that is an existing file is an error (diffusers logs it and returns, saving nothing)."""
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise FileExistsError(f"cannot save into {save_directory}: it is an existing file, not a folder")
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.half()`, `.cuda()`...: as nn.Module, except that the SD-VAE encoder only follows the device
@@ -324,8 +346,11 @@ class SSDDVAE(ModelMixin, ConfigMixin):
 
     def decode_noise(self, z: torch.Tensor, generator=None) -> torch.Tensor | None:
         """The fp32 start noise x_T that `decode(z, generator=generator)` uses (None: the global RNG)."""
-        if not isinstance(z, torch.Tensor) or z.dim() != 4:
-            raise ValueError(f"latents must be a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor (B, C, h, w), got {type(z).__module__}."
+                            f"{type(z).__name__} (convert with torch.from_numpy)")
+        if z.dim() != 4:
+            raise ValueError(f"latents must be a (B, C, h, w) tensor, got shape {tuple(z.shape)}")
         B, _, h, w = z.shape
         shape = (3, h * self.ssdd.stride, w * self.ssdd.stride)
         device = self.ssdd.device
@@ -366,6 +391,20 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         return self.decode(z, return_dict=return_dict, generator=generator)
 
 
+def _read_stats(path) -> dict:
+    """A latent-statistics JSON written by `ssdd stats`; errors name the file."""
+    try:
+        stats = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"latent_stats file not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"latent_stats {path} is not a JSON file from `ssdd stats`: {e}") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"latent_stats {path} must hold a JSON object (from `ssdd stats`), got "
+                         f"{type(stats).__name__}")
+    return stats
+
+
 def _weights_name(variant: str | None) -> str:
     return "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
 
@@ -384,4 +423,11 @@ def _widths(enc) -> tuple[int, ...]:
 
 
 def _floats(values) -> list[float] | None:
-    return None if values is None else [float(v) for v in values]
+    return None if values is None else [_plain(v) for v in values]
+
+
+def _plain(value):
+    """numpy/torch scalars -> int/float for the JSON config; anything else unchanged (refused by __init__)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
