@@ -339,3 +339,39 @@ def test_vae_save_pretrained_onto_a_file_is_an_error(vae, tmp_path):
     with pytest.raises(FileExistsError, match="is an existing file"):
         vae.save_pretrained(target)
     assert target.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weak messages: checkpoint files and the Hub
+
+
+def test_empty_hub_filename_says_it_is_empty(tmp_path):
+    from ssdd_runtime import SSDD
+
+    for source in ("facebook/SSDD", tmp_path):
+        with pytest.raises(ValueError, match="filename is empty"):
+            SSDD.from_pretrained(source, "", local_files_only=True)
+
+
+@pytest.mark.parametrize("kind, match", [("symlink loop", "is a symlink loop"), ("fifo", r"is a FIFO"),
+                                         ("/dev/null", "is a character device"),
+                                         ("broken symlink", "is a broken symlink")])
+def test_checkpoint_that_is_no_regular_file_says_what_it_is(tmp_path, kind, match):
+    import os
+
+    from ssdd_runtime import SSDD
+    from ssdd_runtime.weights import read_state_dict
+
+    path = tmp_path / "ckpt.safetensors"
+    if kind == "symlink loop":
+        path.symlink_to(path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "broken symlink":
+        path.symlink_to(tmp_path / "gone.safetensors")
+    else:
+        path = Path("/dev/null")
+    for load in (lambda: SSDD.from_pretrained(path), lambda: SSDD.from_pretrained(path.parent, path.name),
+                 lambda: read_state_dict(path)):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            load()
