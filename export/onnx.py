@@ -175,6 +175,9 @@ def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dty
         raise ValueError("noise='graph' applies to the decoder graph only")
     if names not in NAMINGS:
         raise ValueError(f"names must be one of {', '.join(NAMINGS)}, got {names!r}")
+    if names == "optimum" and part != "encoder":  # else silently the same graph as names="ssdd"
+        raise ValueError("names='optimum' renames the encoder graph only (sample -> latent_parameters); the "
+                         "decoder's names (latent_sample, noise -> sample) are the same in both: drop it")
     return opset
 
 
@@ -201,7 +204,7 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     the fp16 variant (fp32 inputs/outputs; norm statistics and softmax stay fp32, see FP16_KEEP_FP32_OPS).
     noise: "input" (the caller sends the start noise) or "graph" (drawn in the graph from a per-item `seed`
     input, see graph_noise_ref; the drawn noise is a second output, `noise`). names: "ssdd" or "optimum" (encoder
-    `sample` -> `latent_parameters`; the decoder names are the same in both). external_data: None = automatic
+    `sample` -> `latent_parameters`; refused for the decoder, whose names are the same in both). external_data: None = automatic
     (weights over ~1.8 GB go to `<path>.data` next to the file). After writing: `onnx.checker` and a check of
     every operator against the TensorRT 10.0 parser's list (a warning names any outside it).
     """
@@ -396,14 +399,13 @@ def convert_to_graph_noise(src, dst, *, external_data: bool | None = None) -> Pa
     export_onnx(noise="graph") writes, without re-exporting)."""
     onnx = _require("onnx")
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {src}")
+    check_onnx_file(src)  # a named error for a file that is not an exported graph
     proto = onnx.load(str(src))
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("ssdd.part") != "decoder" or meta.get("ssdd.noise", "input") != "input":
         raise ValueError(f"{src} is not a noise-input decoder graph written by export_onnx (metadata "
                          f"ssdd.part={meta.get('ssdd.part')!r}, ssdd.noise={meta.get('ssdd.noise')!r})")
-    check_export_args("decoder", 1, None, torch.float32, "graph", meta.get("ssdd.names", "ssdd"))
+    check_export_args("decoder", 1, None, torch.float32, "graph")  # decoder names are the same in both namings
     _draw_noise_in_graph(proto, stride=int(meta["ssdd.stride"]))
     for key, value in (("ssdd.noise", "graph"), ("ssdd.noise_rng", NOISE_RNG)):
         props = [p for p in proto.metadata_props if p.key == key]

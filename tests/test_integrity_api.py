@@ -375,3 +375,14 @@ def test_checkpoint_that_is_no_regular_file_says_what_it_is(tmp_path, kind, matc
                  lambda: read_state_dict(path)):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             load()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weak messages: export
+
+
+def test_cli_export_onnx_decoder_refuses_optimum_names(tmp_path):
+    proc = run_cli("export", "onnx", "--checkpoint", tmp_path / "never-read.safetensors", "--part", "decoder",
+                   "--names", "optimum", "-o", tmp_path / "d.onnx")
+    assert "names='optimum' renames the encoder graph only" in one_line_error(proc)
+    assert list(tmp_path.iterdir()) == []
