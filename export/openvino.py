@@ -392,8 +392,14 @@ class OpenVINODecoder(_Part):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, steps: int = 1, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float = T_POW_SHIFT,
-               batch_size: int | None = None) -> torch.Tensor:
-        """z: (B, C, h, w) -> images (B, 3, h*F, w*F) fp32 (see `SSDD.decode`). Tensors come back on the CPU."""
+               batch_size: int | None = None, tile: int | None = None) -> torch.Tensor:
+        """z: (B, C, h, w) -> images (B, 3, h*F, w*F) fp32 (see `SSDD.decode`). Tensors come back on the CPU.
+        `tile` is refused: the compiled network evaluates whole images (tiled decoding runs the PyTorch decoder
+        layer by layer with whole-image GroupNorm statistics, tiled.py); bound memory with `batch_size`."""
+        if tile is not None:
+            raise ValueError(f"tile={tile!r}: the OpenVINO backend decodes whole images (its compiled network "
+                             "cannot gather the whole-image GroupNorm statistics tiling needs); use the torch "
+                             "backend for SSDD.decode(tile=), or batch_size= to bound memory here")
         _check_tensor("latent", z, rank=4)
         if z.shape[1] != self.z_dim:
             raise ValueError(f"latent must have {self.z_dim} channels (B, {self.z_dim}, h, w), "

@@ -386,3 +386,11 @@ def test_cli_export_onnx_decoder_refuses_optimum_names(tmp_path):
                    "--names", "optimum", "-o", tmp_path / "d.onnx")
     assert "names='optimum' renames the encoder graph only" in one_line_error(proc)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.openvino
+def test_openvino_decode_tile_is_a_clear_error_not_a_type_error(eov, model, ov_cache):
+    ov = eov.to_openvino(model, threads=1, cache_dir=ov_cache)
+    with pytest.raises(ValueError, match="tile=4: the OpenVINO backend decodes whole images"):
+        ov.decode(z4(), tile=4)
+    assert ov.decode(z4(), tile=None, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 32, 32)
