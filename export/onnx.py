@@ -204,9 +204,10 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     the fp16 variant (fp32 inputs/outputs; norm statistics and softmax stay fp32, see FP16_KEEP_FP32_OPS).
     noise: "input" (the caller sends the start noise) or "graph" (drawn in the graph from a per-item `seed`
     input, see graph_noise_ref; the drawn noise is a second output, `noise`). names: "ssdd" or "optimum" (encoder
-    `sample` -> `latent_parameters`; refused for the decoder, whose names are the same in both). external_data: None = automatic
-    (weights over ~1.8 GB go to `<path>.data` next to the file). After writing: `onnx.checker` and a check of
-    every operator against the TensorRT 10.0 parser's list (a warning names any outside it).
+    `sample` -> `latent_parameters`; refused for the decoder, whose names are the same in both).
+    external_data: None = automatic (weights over ~1.8 GB go to `<path>.data` next to the file). After writing:
+    `onnx.checker` and a check of every operator against the TensorRT 10.0 parser's list (a warning names any
+    outside it).
     """
     opset = check_export_args(part, steps, opset, dtype, noise, names)
     path = Path(path)

@@ -38,9 +38,9 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 def _chunks(t: torch.Tensor, batch_size: int | None):
     if batch_size is None:
         return [t]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return list(t.split(batch_size))
+    return list(t.split(int(batch_size)))  # numpy integers too, as steps and tile
 
 
 def check_sampler_args(steps, t_pow_shift, generator) -> tuple[int, float]:

@@ -698,7 +698,7 @@ def cmd_export_onnx(args) -> int:
     check_export_args(args.part, args.steps, args.opset, dtype, noise=args.noise,
                       names=args.names)  # fail before loading a checkpoint
     checkpoint_source(args)
-    out = _output_file(args.output)
+    out = _output_file(args.output, inputs=[args.checkpoint] if args.checkpoint else [])  # never onto the weights
     model = load_model(args, device="cpu", dtype="fp32")
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     # Export (graph + any <name>.data) into a temp folder next to -o, verify there, then rename into place:

@@ -394,3 +394,34 @@ def test_openvino_decode_tile_is_a_clear_error_not_a_type_error(eov, model, ov_c
     with pytest.raises(ValueError, match="tile=4: the OpenVINO backend decodes whole images"):
         ov.decode(z4(), tile=4)
     assert ov.decode(z4(), tile=None, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adversarial pass (cases beyond the list)
+
+
+def test_numpy_integers_accepted_for_batch_size_and_vae_options(model):
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ref = model.decode(z4(2), noise=noise)
+    torch.testing.assert_close(model.decode(z4(2), noise=noise, batch_size=np.int64(1)), ref, rtol=0, atol=1e-5)
+    assert model.encode(torch.zeros(2, 3, 32, 32), batch_size=np.int32(1)).mean.shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        model.decode(z4(), batch_size=1.0)
+    vae = SSDDVAE.from_model(copy.deepcopy(model), sample_size=32, decode_steps=np.int64(2), noise_seed=np.int64(5))
+    assert type(vae.config.decode_steps) is int and type(vae.config.noise_seed) is int
+    vae.enable_tiling(np.int64(2))
+    assert vae.tile_latent_size == 2
+    for bad in (True, 2.5, 0):
+        with pytest.raises(ValueError, match="tile_latent_size must be a positive integer"):
+            vae.enable_tiling(bad)
+
+
+def test_cli_export_onnx_refuses_to_overwrite_its_checkpoint(make_checkpoint, tmp_path):
+    ckpt = tmp_path / "weights.safetensors"
+    shutil.copyfile(make_checkpoint("f8c4", "S", 0), ckpt)
+    before = ckpt.read_bytes()
+    proc = run_cli("export", "onnx", "--checkpoint", ckpt, "-o", ckpt, "--no-verify")
+    assert "is one of the inputs; refusing to overwrite it" in one_line_error(proc)
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]

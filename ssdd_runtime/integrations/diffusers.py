@@ -254,8 +254,8 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         with torch.device("meta"):  # placeholder weights cost nothing; replaced by `model` just below
             vae = cls(encoder=model.encoder_name, decoder=model.decoder_config.size, scaling_factor=scale,
                       shift_factor=shift, latents_mean=_floats(latents_mean), latents_std=_floats(latents_std),
-                      sample_size=_plain(sample_size), decode_steps=decode_steps, t_pow_shift=_plain(t_pow_shift),
-                      noise_seed=noise_seed, sdvae_config=sdvae_config,
+                      sample_size=_plain(sample_size), decode_steps=_plain(decode_steps),
+                      t_pow_shift=_plain(t_pow_shift), noise_seed=_plain(noise_seed), sdvae_config=sdvae_config,
                       checkpoint=checkpoint_id(getattr(model, "checkpoint", None)) or None)
         vae.ssdd = model
         vae.sdvae = model.encoder.vae if sdvae_config is not None else None
@@ -295,10 +295,14 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         if not _has_tiled_decode():
             raise NotImplementedError("SSDDVAE tiling needs SSDD.decode(tile=), which this ssdd_runtime lacks; "
                                       "use enable_slicing() (exact) or decode fewer images at once")
+        from ssdd_runtime.tiled import check_tile
+
         if tile_latent_size is None:
-            tile_latent_size = self.config.sample_size // self.ssdd.stride
-        if isinstance(tile_latent_size, bool) or not isinstance(tile_latent_size, int) or tile_latent_size < 1:
-            raise ValueError(f"tile_latent_size must be a positive integer, got {tile_latent_size!r}")
+            tile_latent_size = max(1, self.config.sample_size // self.ssdd.stride)
+        try:
+            tile_latent_size = check_tile(tile_latent_size)  # SSDD.decode's rule: numpy integers too
+        except ValueError:
+            raise ValueError(f"tile_latent_size must be a positive integer, got {tile_latent_size!r}") from None
         self.use_tiling, self.tile_latent_size = True, tile_latent_size
 
     def disable_tiling(self) -> None:
