@@ -425,3 +425,21 @@ def test_cli_export_onnx_refuses_to_overwrite_its_checkpoint(make_checkpoint, tm
     proc = run_cli("export", "onnx", "--checkpoint", ckpt, "-o", ckpt, "--no-verify")
     assert "is one of the inputs; refusing to overwrite it" in one_line_error(proc)
     assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+def test_diffusers_folder_whose_config_names_another_size_says_so(vae_folder, tmp_path):
+    import json
+
+    from ssdd_runtime.integrations.diffusers import SSDDVAE
+
+    folder = tmp_path / "vae"
+    shutil.copytree(vae_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["decoder"] = "M"  # S weights under an M config
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not match its config\.json .*expected shape"):
+        SSDDVAE.from_pretrained(folder)
+    config.update(decoder="S", latent_channels=8)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="latent_channels=8 does not match encoder 'f8c4'"):
+        SSDDVAE.from_pretrained(folder)

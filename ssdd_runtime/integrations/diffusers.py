@@ -200,9 +200,16 @@ class SSDDVAE(ModelMixin, ConfigMixin):
             loading_info = options.pop("output_loading_info", False)
             # Strict, as SSDD.from_pretrained: diffusers only logs missing keys and leaves them on `meta` (or
             # freshly initialised), which decodes a finite, wrong image. Its loading report decides here.
-            vae, info = super().from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, revision=revision,
-                                                local_files_only=local_files_only, cache_dir=cache_dir,
-                                                output_loading_info=True, **options)
+            try:
+                vae, info = super().from_pretrained(source, subfolder=subfolder, torch_dtype=dtype,
+                                                    revision=revision, local_files_only=local_files_only,
+                                                    cache_dir=cache_dir, output_loading_info=True, **options)
+            except ValueError as e:  # diffusers: "Cannot load  because <key> expected shape ..."
+                if "expected shape" not in str(e):
+                    raise
+                why = str(e).split(" because ", 1)[-1].split(". ", 1)[0]
+                raise ValueError(f"{folder} ({_weights_name(options.get('variant'))}) does not match its "
+                                 f"{cls.config_name} (an edited config, or weights of another size?): {why}") from None
             check_keys(f"{folder} ({_weights_name(options.get('variant'))})", missing=info["missing_keys"],
                        unexpected=info["unexpected_keys"], wrong=info["mismatched_keys"])
             on_meta = [k for k, t in vae.state_dict().items() if t.is_meta]
