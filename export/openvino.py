@@ -501,6 +501,8 @@ def to_openvino(model: SSDDModule, *, precision="f32", threads: int | None = Non
         raise ValueError("calibration= is only used with precision='int8'")
     compile_config(precision, threads=threads, hint=hint)  # validate before the (slow) conversion
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise NotADirectoryError(f"OpenVINO cache_dir {cache_dir} is a file, expected a folder")
     xml = {part: convert(model, part, cache_dir=cache_dir) for part in PARTS}
     fp32_xml = dict(xml)
     if precision == "int8":

@@ -84,4 +84,4 @@ def check_image_range(x: torch.Tensor) -> None:
         hint = (" (0..255 pixel values? use x / 127.5 - 1)" if lo >= 0 and hi > 2
                 else " (0..1 values? use x * 2 - 1)" if lo >= 0 else "")
         warnings.warn(f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)  # the caller of encode (past encode and its torch.no_grad wrapper)

@@ -273,8 +273,9 @@ def test_decode_refuses_noise_with_generator(model):
 
 def test_encode_warns_on_images_outside_minus_one_one(model):
     img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
-    with pytest.warns(UserWarning, match=r"images must be in \[-1, 1\], got values in .*0\.\.255"):
+    with pytest.warns(UserWarning, match=r"images must be in \[-1, 1\], got values in .*0\.\.255") as record:
         model.encode(img)
+    assert record[0].filename == __file__, "the warning points at the caller's line"
     import warnings
 
     with warnings.catch_warnings():
@@ -443,3 +444,12 @@ def test_diffusers_folder_whose_config_names_another_size_says_so(vae_folder, tm
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="latent_channels=8 does not match encoder 'f8c4'"):
         SSDDVAE.from_pretrained(folder)
+
+
+@pytest.mark.openvino
+def test_openvino_cache_dir_that_is_a_file_says_so(eov, model, tmp_path):
+    taken = tmp_path / "cache"
+    taken.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=f"OpenVINO cache_dir {taken} is a file"):
+        eov.to_openvino(model, cache_dir=taken)
+    assert taken.read_text() == "not a folder"
