@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ssdd_runtime.checks import (_check_finite, _check_tensor, _chunks, check_image_range, check_sampler_args,
-                                 start_noise)
+                                 refuse_tile, start_noise)
 from ssdd_runtime.model import DiagonalGaussian, SSDDModule
 from ssdd_runtime.sampler import T_POW_SHIFT, TIMESCALE, euler_sample, randn
 
@@ -396,10 +396,7 @@ class OpenVINODecoder(_Part):
         """z: (B, C, h, w) -> images (B, 3, h*F, w*F) fp32 (see `SSDD.decode`). Tensors come back on the CPU.
         `tile` is refused: the compiled network evaluates whole images (tiled decoding runs the PyTorch decoder
         layer by layer with whole-image GroupNorm statistics, tiled.py); bound memory with `batch_size`."""
-        if tile is not None:
-            raise ValueError(f"tile={tile!r}: the OpenVINO backend decodes whole images (its compiled network "
-                             "cannot gather the whole-image GroupNorm statistics tiling needs); use the torch "
-                             "backend for SSDD.decode(tile=), or batch_size= to bound memory here")
+        refuse_tile(tile, "OpenVINO")
         _check_tensor("latent", z, rank=4)
         if z.shape[1] != self.z_dim:
             raise ValueError(f"latent must have {self.z_dim} channels (B, {self.z_dim}, h, w), "

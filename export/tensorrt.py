@@ -342,9 +342,11 @@ class TensorRTDecoder:
 
     def decode(self, z: torch.Tensor, *, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float | None = None,
-               batch_size: int | None = None) -> torch.Tensor:
-        from ssdd_runtime.checks import _check_finite, _check_tensor, start_noise
+               batch_size: int | None = None, tile: int | None = None) -> torch.Tensor:
+        from ssdd_runtime.checks import _check_finite, _check_tensor, check_batch_size, refuse_tile, start_noise
 
+        refuse_tile(tile, "TensorRT")
+        batch_size = check_batch_size(batch_size)  # a negative one decoded nothing
         if steps is not None and steps != self.steps:
             raise ValueError(f"this engine decodes with {self.steps} step(s) (fixed at export); got steps={steps}")
         if t_pow_shift is not None and float(t_pow_shift) != self.t_pow_shift:

@@ -35,12 +35,26 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
 
 
-def _chunks(t: torch.Tensor, batch_size: int | None):
+def check_batch_size(batch_size) -> int | None:
+    """None, or a positive integer (numpy integers too, as steps and tile) -> int."""
     if batch_size is None:
-        return [t]
+        return None
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return list(t.split(int(batch_size)))  # numpy integers too, as steps and tile
+    return int(batch_size)
+
+
+def _chunks(t: torch.Tensor, batch_size: int | None):
+    batch_size = check_batch_size(batch_size)
+    return [t] if batch_size is None else list(t.split(batch_size))
+
+
+def refuse_tile(tile, backend: str) -> None:
+    """The compiled backends (OpenVINO, TensorRT) take `decode(tile=)` for signature parity and refuse a tile."""
+    if tile is not None:
+        raise ValueError(f"tile={tile!r}: the {backend} backend decodes whole images (its compiled network cannot "
+                         "gather the whole-image GroupNorm statistics tiled decoding needs); use the torch backend "
+                         "for SSDD.decode(tile=), or batch_size= to bound memory")
 
 
 def check_sampler_args(steps, t_pow_shift, generator) -> tuple[int, float]:

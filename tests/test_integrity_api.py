@@ -453,3 +453,15 @@ def test_openvino_cache_dir_that_is_a_file_says_so(eov, model, tmp_path):
     with pytest.raises(NotADirectoryError, match=f"OpenVINO cache_dir {taken} is a file"):
         eov.to_openvino(model, cache_dir=taken)
     assert taken.read_text() == "not a folder"
+
+
+def test_tensorrt_decoder_refuses_tile_and_bad_batch_size_before_running():
+    """TensorRTDecoder needs a GPU engine to build; the argument checks come first, so a bare instance shows them."""
+    from ssdd_runtime.export.tensorrt import TensorRTDecoder
+
+    dec = object.__new__(TensorRTDecoder)
+    with pytest.raises(ValueError, match="tile=2: the TensorRT backend decodes whole images"):
+        dec.decode(z4(), tile=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            dec.decode(z4(), batch_size=bad)
