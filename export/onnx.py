@@ -175,6 +175,9 @@ def check_export_args(part: str, steps: int, opset: int | None, dtype: torch.dty
         raise ValueError("noise='graph' applies to the decoder graph only")
     if names not in NAMINGS:
         raise ValueError(f"names must be one of {', '.join(NAMINGS)}, got {names!r}")
+    if names == "optimum" and part != "encoder":  # else silently the same graph as names="ssdd"
+        raise ValueError("names='optimum' renames the encoder graph only (sample -> latent_parameters); the "
+                         "decoder's names (latent_sample, noise -> sample) are the same in both: drop it")
     return opset
 
 
@@ -201,9 +204,10 @@ def export_onnx(model: SSDDModule, path, *, part: str = "decoder", steps: int = 
     the fp16 variant (fp32 inputs/outputs; norm statistics and softmax stay fp32, see FP16_KEEP_FP32_OPS).
     noise: "input" (the caller sends the start noise) or "graph" (drawn in the graph from a per-item `seed`
     input, see graph_noise_ref; the drawn noise is a second output, `noise`). names: "ssdd" or "optimum" (encoder
-    `sample` -> `latent_parameters`; the decoder names are the same in both). external_data: None = automatic
-    (weights over ~1.8 GB go to `<path>.data` next to the file). After writing: `onnx.checker` and a check of
-    every operator against the TensorRT 10.0 parser's list (a warning names any outside it).
+    `sample` -> `latent_parameters`; refused for the decoder, whose names are the same in both).
+    external_data: None = automatic (weights over ~1.8 GB go to `<path>.data` next to the file). After writing:
+    `onnx.checker` and a check of every operator against the TensorRT 10.0 parser's list (a warning names any
+    outside it).
     """
     opset = check_export_args(part, steps, opset, dtype, noise, names)
     path = Path(path)
@@ -396,14 +400,13 @@ def convert_to_graph_noise(src, dst, *, external_data: bool | None = None) -> Pa
     export_onnx(noise="graph") writes, without re-exporting)."""
     onnx = _require("onnx")
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {src}")
+    check_onnx_file(src)  # a named error for a file that is not an exported graph
     proto = onnx.load(str(src))
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("ssdd.part") != "decoder" or meta.get("ssdd.noise", "input") != "input":
         raise ValueError(f"{src} is not a noise-input decoder graph written by export_onnx (metadata "
                          f"ssdd.part={meta.get('ssdd.part')!r}, ssdd.noise={meta.get('ssdd.noise')!r})")
-    check_export_args("decoder", 1, None, torch.float32, "graph", meta.get("ssdd.names", "ssdd"))
+    check_export_args("decoder", 1, None, torch.float32, "graph")  # decoder names are the same in both namings
     _draw_noise_in_graph(proto, stride=int(meta["ssdd.stride"]))
     for key, value in (("ssdd.noise", "graph"), ("ssdd.noise_rng", NOISE_RNG)):
         props = [p for p in proto.metadata_props if p.key == key]
@@ -478,17 +481,44 @@ def _to_fp16(proto, *, large: bool):
 # Inspection and checks
 
 
+def load_graph(path):
+    """The ModelProto of the graph file at `path` (weights in external data left unread). A file that is not an
+    ONNX model (text, truncated, another format) is a ValueError naming it, not protobuf's DecodeError."""
+    onnx = _require("onnx")
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}" if not path.exists() else
+                                f"{path} is not a regular file, expected an .onnx graph")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not an ONNX model (truncated or another format?): {e}") from None
+
+
+def check_onnx_file(path) -> dict[str, str]:
+    """The one check of a graph handed to `export trtexec-cmd`/`tensorrt`/`triton-repo`: an ONNX model with
+    inputs and outputs, written by `export_onnx` (its `ssdd.*` metadata, returned, name the part and shapes)."""
+    proto = load_graph(path)
+    if not proto.graph.input or not proto.graph.output:
+        raise ValueError(f"{path} is not an exported SSDD graph: it has {len(proto.graph.input)} inputs and "
+                         f"{len(proto.graph.output)} outputs (empty or another kind of ONNX file?)")
+    meta = {p.key: p.value for p in proto.metadata_props if p.key.startswith("ssdd.")}
+    if meta.get("ssdd.part") not in ("decoder", "encoder"):
+        raise ValueError(f"{path} has no ssdd.* metadata: export it with `ssdd export onnx`")
+    return meta
+
+
 def read_metadata(path) -> dict[str, str]:
     """The `ssdd.*` metadata an export writes (part, encoder, decoder, stride, z_dim, steps, dtype)."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_graph(path)
     return {p.key: p.value for p in proto.metadata_props if p.key.startswith("ssdd.")}
 
 
 def graph_io(path) -> dict[str, list[tuple[str, int, tuple]]]:
     """{"inputs": [(name, onnx elem_type, dims)], "outputs": [...]}, dims as ints or dim_param strings."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_graph(path)
 
     def rows(values):
         return [(v.name, v.type.tensor_type.elem_type,

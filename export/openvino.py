@@ -21,7 +21,13 @@ real weights is unverified. A bf16/int8 result with non-finite values is retried
 
 Disk cache (default `$XDG_CACHE_HOME/ssdd-runtime/openvino`, else `~/.cache/ssdd-runtime/openvino`):
     ir/<part>-<enc>-<dec>-<weights sha256[:16]>-v<FORMAT>.xml/.bin   converted model, written atomically
+    ir/<IR stem>.sha256                                             sha256 of the .xml and .bin + OpenVINO version
     compiled/<IR stem>-dynamic-<precision>/                          OpenVINO's CACHE_DIR for the compiled blob
+    compiled/<IR stem>-dynamic-<precision>.sha256                    sha256 of the blob files after the compile
+The cache key names the weights, but a file can change under its name (disk errors, a partial copy, another
+OpenVINO version writing the cache). Every cached file is therefore checked against its recorded sha256
+(`verified_cache`) before use: an IR that fails is rebuilt, a compiled blob that fails is deleted and recompiled,
+each with a RuntimeWarning naming the file.
 Verified here (AMD Zen 5, OpenVINO 2026.4.1): tests/test_export_openvino.py.
 """
 from __future__ import annotations
@@ -37,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssdd_runtime.checks import _check_finite, _check_tensor, _chunks, check_sampler_args, start_noise
+from ssdd_runtime.checks import (_check_finite, _check_tensor, _chunks, check_image_range, check_sampler_args,
+                                 refuse_tile, start_noise)
 from ssdd_runtime.model import DiagonalGaussian, SSDDModule
 from ssdd_runtime.sampler import T_POW_SHIFT, TIMESCALE, euler_sample, randn
 
@@ -48,8 +55,80 @@ PRECISIONS = {"f32": "f32", "fp32": "f32", "float32": "f32", torch.float32: "f32
               "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16", "int8": "int8"}
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PARTS = ("decoder", "encoder")
-FORMAT = 1  # bump when the converted graphs change: old IR files are then never read again
+FORMAT = 2  # 2: IR files carry a .sha256 record. Bump when the graphs change: old IR files are never read again
 DECODER_INPUTS, ENCODER_INPUTS = ("x", "t", "z"), ("image",)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_cache(record: Path, files: list[Path]) -> None:
+    """Write `record` (JSON: the OpenVINO version and the sha256 of each file, by name) atomically."""
+    import json
+
+    from ssdd_runtime.io import write_text_atomic
+
+    ov = _require_openvino()
+    write_text_atomic(record, json.dumps({"openvino": ov.__version__,
+                                          "files": {f.name: _sha256(f) for f in files}}, indent=1) + "\n")
+
+
+def verified_cache(record: Path, files: list[Path]) -> str | None:
+    """The one check of a cached file set against its `record_cache` record: None if every file is present and
+    matches, with the same OpenVINO version; else why not (the caller rebuilds and warns)."""
+    import json
+
+    ov = _require_openvino()
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        version, digests = saved["openvino"], saved["files"]
+    except FileNotFoundError:
+        return f"{record.name} (its sha256 record) is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{record} is unreadable ({type(e).__name__})"
+    if version != ov.__version__:
+        return f"it was written by OpenVINO {version}, this is {ov.__version__}"
+    if sorted(digests) != sorted(f.name for f in files):
+        return f"its files {sorted(f.name for f in files)} differ from those recorded in {record.name}"
+    for f in files:
+        try:
+            if _sha256(f) != digests[f.name]:
+                return f"{f} does not match its recorded sha256 (corrupted?)"
+        except OSError as e:
+            return f"{f} is unreadable ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _drop(paths, why: str, what: str) -> None:
+    """Warn that a cached `what` fails verification and delete its files (their rebuild follows)."""
+    import shutil
+
+    warnings.warn(f"OpenVINO cache: the {what} is rebuilt because {why}", RuntimeWarning, stacklevel=3)
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _cached_ir(xml: Path) -> bool:
+    """True if the IR `xml` (+ .bin) is cached and verified. A damaged one is removed with a warning, together
+    with the compiled blobs made from it, so the caller converts again."""
+    files = [xml, xml.with_suffix(".bin")]
+    record = xml.with_suffix(".sha256")
+    if not any(f.exists() for f in files + [record]):
+        return False
+    why = verified_cache(record, files)
+    if why is None:
+        return True
+    blobs = list((xml.parent.parent / "compiled").glob(f"{xml.stem}-dynamic-*"))
+    _drop(files + [record] + blobs, why, f"converted model {xml} ({xml.parent})")
+    return False
 
 
 def _require_openvino():
@@ -123,7 +202,7 @@ def convert(model: SSDDModule, part: str = "decoder", *, cache_dir=None) -> Path
 
     ov = _require_openvino()
     xml = ir_path(model, part, cache_dir)
-    if xml.is_file() and xml.with_suffix(".bin").is_file():
+    if _cached_ir(xml):
         return xml
     m = prepare_for_export(model)
     F, C = m.stride, m.decoder_config.z_dim
@@ -168,13 +247,14 @@ def convert_module(net: nn.Module, example: tuple[torch.Tensor, ...], *, shapes=
 
 def _save_atomic(ov, ov_model, xml: Path) -> None:
     """Write `xml` and its .bin under temporary names in the same folder, then rename (.bin first, so a
-    complete .xml always has its weights)."""
+    complete .xml always has its weights), then their sha256 record (`_cached_ir` reads it)."""
     xml.parent.mkdir(parents=True, exist_ok=True)
     tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.xml")
     try:
         ov.save_model(ov_model, str(tmp), compress_to_fp16=False)  # save_model compresses to fp16 by default
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(tmp, xml)
+        record_cache(xml.with_suffix(".sha256"), [xml, xml.with_suffix(".bin")])  # last: a complete IR is recorded
     finally:
         for leftover in (tmp, tmp.with_suffix(".bin")):
             leftover.unlink(missing_ok=True)
@@ -209,8 +289,25 @@ def compile_ir(xml, *, precision: str = "f32", threads: int | None = None, hint:
     xml = Path(xml)
     blob_dir = xml.parent.parent / "compiled" / f"{xml.stem}-dynamic-{precision}" if cache else None
     config = compile_config(precision, threads=threads, hint=hint, cache_dir=blob_dir)
-    # From the file, not an ov.Model: a cache hit then skips reading the IR.
-    return ov.Core().compile_model(str(xml), "CPU", config)
+    record = blob_dir.with_name(f"{blob_dir.name}.sha256") if cache else None
+    if cache and blob_dir.is_dir() and any(blob_dir.iterdir()):
+        why = verified_cache(record, _blob_files(blob_dir))
+        if why is not None:
+            _drop([blob_dir, record], why, f"compiled model in {blob_dir}")
+    try:
+        # From the file, not an ov.Model: a cache hit then skips reading the IR.
+        compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RuntimeError(f"OpenVINO could not compile {xml}: {first}. If the cache is damaged, delete "
+                           f"{xml.parent.parent} (it is rebuilt on the next load)") from e
+    if cache and blob_dir.is_dir() and any(blob_dir.iterdir()):  # verified above, or just written: record
+        record_cache(record, _blob_files(blob_dir))  # (another thread count adds a blob to the same folder)
+    return compiled
+
+
+def _blob_files(blob_dir: Path) -> list[Path]:
+    return sorted(f for f in blob_dir.iterdir() if f.is_file() and not f.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,8 +392,11 @@ class OpenVINODecoder(_Part):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, steps: int = 1, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float = T_POW_SHIFT,
-               batch_size: int | None = None) -> torch.Tensor:
-        """z: (B, C, h, w) -> images (B, 3, h*F, w*F) fp32 (see `SSDD.decode`). Tensors come back on the CPU."""
+               batch_size: int | None = None, tile: int | None = None) -> torch.Tensor:
+        """z: (B, C, h, w) -> images (B, 3, h*F, w*F) fp32 (see `SSDD.decode`). Tensors come back on the CPU.
+        `tile` is refused: the compiled network evaluates whole images (tiled decoding runs the PyTorch decoder
+        layer by layer with whole-image GroupNorm statistics, tiled.py); bound memory with `batch_size`."""
+        refuse_tile(tile, "OpenVINO")
         _check_tensor("latent", z, rank=4)
         if z.shape[1] != self.z_dim:
             raise ValueError(f"latent must have {self.z_dim} channels (B, {self.z_dim}, h, w), "
@@ -324,6 +424,7 @@ class OpenVINOEncoder(_Part):
             raise ValueError(f"image height and width must be multiples of the encoder stride {self.stride}, "
                              f"got {x.shape[2]}x{x.shape[3]}")
         _check_finite("image", x)
+        check_image_range(x)
         moments = [self._with_fp32_fallback("encode", lambda net: net(xb)) for xb in _chunks(x, batch_size)]
         mean = torch.cat([m for m, _ in moments])
         logvar = torch.cat([lv for _, lv in moments])
@@ -397,6 +498,8 @@ def to_openvino(model: SSDDModule, *, precision="f32", threads: int | None = Non
         raise ValueError("calibration= is only used with precision='int8'")
     compile_config(precision, threads=threads, hint=hint)  # validate before the (slow) conversion
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise NotADirectoryError(f"OpenVINO cache_dir {cache_dir} is a file, expected a folder")
     xml = {part: convert(model, part, cache_dir=cache_dir) for part in PARTS}
     fp32_xml = dict(xml)
     if precision == "int8":
@@ -424,7 +527,7 @@ def quantize(xml, calibration: torch.Tensor, *, stride: int, seed: int = 0) -> P
     z = calibration.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(z.numpy().tobytes() + f":{seed}".encode()).hexdigest()[:12]
     out = Path(xml).with_name(f"{Path(xml).stem}-int8-{digest}.xml")
-    if out.is_file() and out.with_suffix(".bin").is_file():
+    if _cached_ir(out):
         return out
     N, _, h, w = z.shape
     samples = []

@@ -141,12 +141,9 @@ def make_profile(min_shape: str, opt_shape: str, max_shape: str, *, part: str = 
 
 def profile_for_onnx(onnx_path, min_shape: str, opt_shape: str, max_shape: str) -> Profile:
     """`make_profile` with part, stride and latent channels read from the graph's `ssdd.*` metadata."""
-    from ssdd_runtime.export.onnx import read_metadata
+    from ssdd_runtime.export.onnx import check_onnx_file
 
-    meta = read_metadata(onnx_path)
-    if "ssdd.part" not in meta:
-        raise ValueError(f"{onnx_path} has no ssdd.* metadata: export it with `ssdd export onnx` "
-                         "(or pass per-input shapes name:BxCxHxW)")
+    meta = check_onnx_file(onnx_path)
     if meta["ssdd.part"] == "decoder":
         inputs = ("latent_sample", "seed") if meta.get("ssdd.noise") == "graph" else ("latent_sample", "noise")
     else:
@@ -345,9 +342,11 @@ class TensorRTDecoder:
 
     def decode(self, z: torch.Tensor, *, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, t_pow_shift: float | None = None,
-               batch_size: int | None = None) -> torch.Tensor:
-        from ssdd_runtime.checks import _check_finite, _check_tensor, start_noise
+               batch_size: int | None = None, tile: int | None = None) -> torch.Tensor:
+        from ssdd_runtime.checks import _check_finite, _check_tensor, check_batch_size, refuse_tile, start_noise
 
+        refuse_tile(tile, "TensorRT")
+        batch_size = check_batch_size(batch_size)  # a negative one decoded nothing
         if steps is not None and steps != self.steps:
             raise ValueError(f"this engine decodes with {self.steps} step(s) (fixed at export); got steps={steps}")
         if t_pow_shift is not None and float(t_pow_shift) != self.t_pow_shift:

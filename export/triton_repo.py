@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ssdd_runtime.export.onnx import graph_io, read_metadata
+from ssdd_runtime.export.onnx import check_onnx_file, graph_io
 from ssdd_runtime.io import atomic_output, write_text_atomic
 
 BACKENDS = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
@@ -35,6 +35,7 @@ def triton_config(onnx_path, *, name: str, backend: str = "onnxruntime", max_bat
                   instance_count: int = 1, kind: str = "KIND_GPU", preferred_batch_sizes=(),
                   max_queue_delay_us: int = 100) -> str:
     """config.pbtxt text for the graph at `onnx_path` (a TensorRT engine keeps its ONNX graph's tensor names)."""
+    check_model_name(name)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if kind not in KINDS:
@@ -48,6 +49,7 @@ def triton_config(onnx_path, *, name: str, backend: str = "onnxruntime", max_bat
     preferred = sorted(set(int(b) for b in preferred_batch_sizes))
     if any(b < 1 or b > max_batch_size for b in preferred):
         raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}")
+    meta = check_onnx_file(onnx_path)
     io = graph_io(onnx_path)
 
     def tensors(rows):
@@ -62,7 +64,6 @@ def triton_config(onnx_path, *, name: str, backend: str = "onnxruntime", max_bat
             out.append(f'  {{\n    name: "{tname}"\n    data_type: {TRITON_TYPES[elem]}\n    dims: [ {shape} ]\n  }}')
         return ",\n".join(out)
 
-    meta = read_metadata(onnx_path)
     lines = [
         f"# SSDD {meta.get('ssdd.part', '?')} ({meta.get('ssdd.encoder', '?')} / {meta.get('ssdd.decoder', '?')}, "
         f"steps {meta.get('ssdd.steps', '-')}, {meta.get('ssdd.dtype', '?')} graph"
@@ -80,6 +81,17 @@ def triton_config(onnx_path, *, name: str, backend: str = "onnxruntime", max_bat
     return "\n".join(lines) + "\n"
 
 
+def check_model_name(name) -> str:
+    """A Triton model name is the name of one folder inside the repository: no path separators, not '.' or '..'
+    (which would write outside `repo` or nest folders), no leading '.', printable."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or not name.isprintable():
+        raise ValueError(f"invalid Triton model name {name!r}: it names one folder inside the repository (no '/' "
+                         "or '\\', not '.' or '..', no leading '.'), e.g. ssdd_decoder")
+    return name
+
+
 def write_triton_repo(repo, *, onnx_path, engine_path=None, name: str = "ssdd_decoder",
                       backend: str = "onnxruntime", max_batch_size: int = 8, instance_count: int = 1,
                       kind: str = "KIND_GPU", preferred_batch_sizes=(), max_queue_delay_us: int = 100,
@@ -90,9 +102,9 @@ def write_triton_repo(repo, *, onnx_path, engine_path=None, name: str = "ssdd_de
     built from `onnx_path` (whose tensor names and types the config declares). The engine's profile must
     cover batches up to max_batch_size.
     """
+    check_model_name(name)
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
+    check_onnx_file(onnx_path)
     if backend == "tensorrt":
         if engine_path is None:
             raise ValueError("backend 'tensorrt' needs engine_path (a .plan built from onnx_path)")

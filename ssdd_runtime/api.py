@@ -9,7 +9,7 @@ import torch
 
 from ssdd_runtime import optimize, tiled, weights
 from ssdd_runtime.checks import (MAX_STEPS, _check_finite, _check_tensor, _chunks,  # noqa: F401 (re-exported)
-                                 check_sampler_args, start_noise)
+                                 check_image_range, check_sampler_args, start_noise)
 from ssdd_runtime.model import DiagonalGaussian, FusedOp, SSDDModule, decoder_config, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT
 
@@ -193,6 +193,7 @@ class SSDD(SSDDModule):
             raise ValueError(f"image height and width must be multiples of the encoder stride {F_}, "
                              f"got {x.shape[2]}x{x.shape[3]}")
         _check_finite("image", x)
+        check_image_range(x)
         own = self.encoder_config is not None  # an external encoder keeps its own dtype (sdvae.py: fp32)
         moments = [self._with_fp32_fallback("encode", lambda m, xb: SSDDModule.encode(m, xb.to(m.dtype) if own
                                                                           else xb), xb.to(self.device))

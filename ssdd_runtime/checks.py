@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -34,12 +35,26 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
 
 
-def _chunks(t: torch.Tensor, batch_size: int | None):
+def check_batch_size(batch_size) -> int | None:
+    """None, or a positive integer (numpy integers too, as steps and tile) -> int."""
     if batch_size is None:
-        return [t]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return list(t.split(batch_size))
+    return int(batch_size)
+
+
+def _chunks(t: torch.Tensor, batch_size: int | None):
+    batch_size = check_batch_size(batch_size)
+    return [t] if batch_size is None else list(t.split(batch_size))
+
+
+def refuse_tile(tile, backend: str) -> None:
+    """The compiled backends (OpenVINO, TensorRT) take `decode(tile=)` for signature parity and refuse a tile."""
+    if tile is not None:
+        raise ValueError(f"tile={tile!r}: the {backend} backend decodes whole images (its compiled network cannot "
+                         "gather the whole-image GroupNorm statistics tiled decoding needs); use the torch backend "
+                         "for SSDD.decode(tile=), or batch_size= to bound memory")
 
 
 def check_sampler_args(steps, t_pow_shift, generator) -> tuple[int, float]:
@@ -62,9 +77,25 @@ def start_noise(z: torch.Tensor, stride: int, noise, generator, device) -> torch
     shape = (B, 3, h * stride, w * stride)
     if noise is None:
         return randn(shape, generator=generator, device=device)
+    if generator is not None:  # the generator would be silently unused
+        raise ValueError("pass noise= or generator=, not both (the generator draws the start noise)")
     _check_tensor("noise", noise)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} for latents of shape {tuple(z.shape)}, "
                          f"got {tuple(noise.shape)}")
     _check_finite("noise", noise)
     return noise
+
+
+IMAGE_RANGE_SLACK = 1.5  # |x| above this is no [-1, 1] image (resampling overshoot stays far below)
+
+
+def check_image_range(x: torch.Tensor) -> None:
+    """Encoders read images in [-1, 1]. Values far outside (0..255 pixels, a forgotten normalisation) encode to
+    latents the decoder was never trained on: warn, naming the range found and the conversion."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -IMAGE_RANGE_SLACK or hi > IMAGE_RANGE_SLACK:
+        hint = (" (0..255 pixel values? use x / 127.5 - 1)" if lo >= 0 and hi > 2
+                else " (0..1 values? use x * 2 - 1)" if lo >= 0 else "")
+        warnings.warn(f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}", UserWarning,
+                      stacklevel=4)  # the caller of encode (past encode and its torch.no_grad wrapper)

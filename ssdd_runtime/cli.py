@@ -734,7 +734,7 @@ def cmd_export_onnx(args) -> int:
     check_export_args(args.part, args.steps, args.opset, dtype, noise=args.noise,
                       names=args.names)  # fail before loading a checkpoint
     checkpoint_source(args)
-    out = _output_file(args.output)
+    out = _output_file(args.output, inputs=[args.checkpoint] if args.checkpoint else [])  # never onto the weights
     model = load_model(args, device="cpu", dtype="fp32")
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     # Export (graph + any <name>.data) into a temp folder next to -o, verify there, then rename into place:
@@ -785,13 +785,13 @@ def cmd_export_tensorrt(args) -> int:
 
 
 def cmd_export_triton_repo(args) -> int:
-    from ssdd_runtime.export.onnx import read_metadata
-    from ssdd_runtime.export.triton_repo import write_triton_repo
+    from ssdd_runtime.export.onnx import check_onnx_file
+    from ssdd_runtime.export.triton_repo import check_model_name, write_triton_repo
 
     if Path(args.repo).exists() and not Path(args.repo).is_dir():
         raise NotADirectoryError(f"--repo {args.repo} is a file, expected a folder")
     backend = args.backend or ("tensorrt" if args.engine else "onnxruntime")
-    name = args.name or f"ssdd_{read_metadata(args.onnx).get('ssdd.part', 'model')}"
+    name = check_model_name(args.name) if args.name is not None else f"ssdd_{check_onnx_file(args.onnx)['ssdd.part']}"
     model_dir = write_triton_repo(args.repo, onnx_path=args.onnx, engine_path=args.engine, name=name,
                                   backend=backend, max_batch_size=args.max_batch_size,
                                   instance_count=args.instances, kind=args.kind,

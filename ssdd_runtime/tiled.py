@@ -29,6 +29,7 @@ evaluation, times the crop/tile area ratio ((tile + 2 halo) / tile)^2. Memory is
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -210,9 +211,10 @@ def _mid(mid, y, ctx, tile: int):
 
 
 def check_tile(tile) -> int:
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+    """A positive integer (numpy integers too, as `steps`; not bools or floats) -> int."""
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
         raise ValueError(f"tile must be a positive integer (latent pixels) or None, got {tile!r}")
-    return tile
+    return int(tile)
 
 
 class _Stop(Exception):

@@ -66,15 +66,20 @@ def resolve_checkpoint(source: str | os.PathLike, filename: str | None = None, *
     (+ `filename`), fetched through huggingface_hub (its cache, `revision`, HF_HUB_OFFLINE)."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"checkpoint source must be a path or a Hub repo id string, got {type(source).__name__}")
+    if filename is not None and (not isinstance(filename, (str, os.PathLike)) or not str(filename).strip()):
+        raise ValueError(f"filename is empty ({filename!r}): name a .safetensors file, e.g. "
+                         f"{next(iter(KNOWN_FILES))}")
     path = Path(source)
     if path.is_dir():
         if filename is None:
             raise ValueError(f"{path} is a folder: pass filename= (one of its .safetensors files)")
         path = path / filename
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
+            _not_a_file(path)
     if path.is_file():
         return path
+    if os.path.lexists(path):
+        _not_a_file(path)
     if not _is_repo_id(str(source)):
         raise FileNotFoundError(f"checkpoint file not found: {path} (and {str(source)!r} is not a Hub repo id "
                                 "like 'facebook/SSDD')")
@@ -82,6 +87,28 @@ def resolve_checkpoint(source: str | os.PathLike, filename: str | None = None, *
         raise ValueError(f"Hub repo {source!r} needs filename=, e.g. one of: {', '.join(KNOWN_FILES)}")
     return _hub_download(str(source), filename, revision=revision, cache_dir=cache_dir,
                          local_files_only=local_files_only)
+
+
+def _not_a_file(path: Path):
+    """Raise the error that says what `path` is, when it is not a regular file: missing, a folder, a broken
+    symlink, a symlink loop, a FIFO, a device or a socket (all of which `is_file()` reports as False)."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"checkpoint {path} is a symlink loop (it resolves to itself)") from None
+        if os.path.islink(path):
+            raise FileNotFoundError(f"checkpoint {path} is a broken symlink (to {os.readlink(path)})") from None
+        if e.errno == errno.ENOENT:
+            raise FileNotFoundError(f"checkpoint file not found: {path}") from None
+        raise OSError(e.errno, f"cannot read checkpoint {path}: {e.strerror}") from None
+    what = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise ValueError(f"checkpoint {path} is {what}, expected a .safetensors file")
 
 
 def _is_repo_id(s: str) -> bool:
@@ -121,7 +148,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder, expected a .safetensors checkpoint file (or pass filename=)")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        _not_a_file(path)
     if not os.access(path, os.R_OK):  # safetensors would report this as "No such file or directory"
         raise PermissionError(f"cannot read checkpoint {path}: permission denied")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
@@ -169,19 +196,26 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[EncoderConfig | N
                      f"{heads} heads); known sizes: {', '.join(DECODER_SIZES)}")
 
 
+def check_keys(source: str, *, missing=(), unexpected=(), wrong=()) -> None:
+    """The strict-loading verdict shared by `check_state_dict` and `SSDDVAE.from_pretrained` (diffusers folders):
+    ValueError naming the first few missing keys, unexpected keys and wrong shapes; nothing is loaded."""
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        items = list(items)
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {what}: {', '.join(map(str, items[:5]))}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the SSDD architecture: " + "; ".join(problems))
+
+
 def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], *, source: str) -> None:
     """Strict key and shape match, naming the first few offenders of each kind."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k}: expected {tuple(s)}, found {tuple(found[k].shape)}"
              for k, s in expected.items() if k in found and found[k].shape != s]
-    problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            problems.append(f"{len(items)} {what}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise ValueError(f"{source} does not match the SSDD architecture: " + "; ".join(problems))
+    check_keys(source, missing=missing, unexpected=unexpected, wrong=wrong)
     bad = [k for k, t in found.items() if not t.is_floating_point()]
     if bad:
         raise ValueError(f"{source}: non-floating-point tensors {bad[:5]}")

@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -73,7 +75,7 @@ from ssdd_runtime.latents import checkpoint_id
 from ssdd_runtime.model import SSDDModule, encoder_config
 from ssdd_runtime.sampler import T_POW_SHIFT, per_image_noise, randn, seeded_noise
 from ssdd_runtime.sdvae import SDVAEEncoder
-from ssdd_runtime.weights import KNOWN_FILES
+from ssdd_runtime.weights import KNOWN_FILES, check_keys
 
 NOISE_CACHE_SIZES = 8  # image sizes whose seeded start noise is kept (3*H*W fp32 each)
 
@@ -141,8 +143,21 @@ class SSDDVAE(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name} must hold one value per latent channel ({z_dim}), got {len(values)}")
         if (latents_mean is None) != (latents_std is None):
             raise ValueError("latents_mean and latents_std go together (pipelines read both or neither)")
+        for name, value in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor),
+                            ("t_pow_shift", t_pow_shift)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not scaling_factor > 0 or not t_pow_shift > 0:
+            raise ValueError(f"scaling_factor and t_pow_shift must be positive, got {scaling_factor!r} and "
+                             f"{t_pow_shift!r}")
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if values is not None and not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must hold finite numbers, got {list(values)}")
         if latents_std is not None and not all(s > 0 for s in latents_std):
             raise ValueError(f"latents_std must be positive, got {latents_std}")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, numbers.Integral) or sample_size < 1:
+            raise ValueError(f"sample_size must be a positive integer (image pixels), got {sample_size!r}")
         self.register_to_config(**derived)
         self.ssdd.checkpoint = checkpoint  # what latent metadata names (latents.checkpoint_id)
         self.ssdd.eval().requires_grad_(False)
@@ -180,9 +195,27 @@ class SSDDVAE(ModelMixin, ConfigMixin):
                 raise FileNotFoundError(f"{folder} has no {cls.config_name}: pass a folder written by "
                                         "SSDDVAE.save_pretrained, or an SSDD checkpoint (a .safetensors path, or "
                                         "a folder/Hub repo plus filename=)")
-            vae = super().from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, revision=revision,
-                                          local_files_only=local_files_only, cache_dir=cache_dir, **options)
-            return vae if device is None else vae.to(device)
+            if folder.is_dir():
+                _check_weights_file(folder, options.get("variant"))
+            loading_info = options.pop("output_loading_info", False)
+            # Strict, as SSDD.from_pretrained: diffusers only logs missing keys and leaves them on `meta` (or
+            # freshly initialised), which decodes a finite, wrong image. Its loading report decides here.
+            try:
+                vae, info = super().from_pretrained(source, subfolder=subfolder, torch_dtype=dtype,
+                                                    revision=revision, local_files_only=local_files_only,
+                                                    cache_dir=cache_dir, output_loading_info=True, **options)
+            except ValueError as e:  # diffusers: "Cannot load  because <key> expected shape ..."
+                if "expected shape" not in str(e):
+                    raise
+                why = str(e).split(" because ", 1)[-1].split(". ", 1)[0]
+                raise ValueError(f"{folder} ({_weights_name(options.get('variant'))}) does not match its "
+                                 f"{cls.config_name} (an edited config, or weights of another size?): {why}") from None
+            check_keys(f"{folder} ({_weights_name(options.get('variant'))})", missing=info["missing_keys"],
+                       unexpected=info["unexpected_keys"], wrong=info["mismatched_keys"])
+            on_meta = [k for k, t in vae.state_dict().items() if t.is_meta]
+            check_keys(f"{folder} ({_weights_name(options.get('variant'))})", missing=on_meta)
+            vae = vae if device is None else vae.to(device)
+            return (vae, info) if loading_info else vae
         if subfolder:
             if filename is None:
                 raise ValueError(f"subfolder={subfolder!r} needs filename= (the checkpoint inside it)")
@@ -205,6 +238,8 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         if not isinstance(model, SSDD):
             raise TypeError(f"model must be an ssdd_runtime.SSDD (from SSDD.from_pretrained / from_state_dict), "
                             f"got {type(model).__name__}")
+        if latent_stats is not None and not isinstance(latent_stats, dict):
+            latent_stats = _read_stats(latent_stats)
         name = known_file(getattr(model, "checkpoint", None))
         entry = KNOWN_FILES.get(name)
         if scaling_factor is None and latent_stats is None and entry is not None:
@@ -212,9 +247,7 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         scale, shift = latent_normalization(stats=latent_stats, scaling_factor=scaling_factor,
                                             shift_factor=shift_factor)
         if latent_stats is not None and latents_mean is None and latents_std is None:
-            stats = latent_stats if isinstance(latent_stats, dict) else json.loads(
-                Path(latent_stats).read_text(encoding="utf-8"))
-            latents_mean, latents_std = stats.get("channel_mean"), stats.get("channel_std")
+            latents_mean, latents_std = latent_stats.get("channel_mean"), latent_stats.get("channel_std")
         if decode_steps is None:
             decode_steps = entry.steps if entry is not None and entry.steps is not None else 1
         if t_pow_shift is None:
@@ -228,12 +261,19 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         with torch.device("meta"):  # placeholder weights cost nothing; replaced by `model` just below
             vae = cls(encoder=model.encoder_name, decoder=model.decoder_config.size, scaling_factor=scale,
                       shift_factor=shift, latents_mean=_floats(latents_mean), latents_std=_floats(latents_std),
-                      sample_size=int(sample_size), decode_steps=decode_steps, t_pow_shift=float(t_pow_shift),
-                      noise_seed=noise_seed, sdvae_config=sdvae_config,
+                      sample_size=_plain(sample_size), decode_steps=_plain(decode_steps),
+                      t_pow_shift=_plain(t_pow_shift), noise_seed=_plain(noise_seed), sdvae_config=sdvae_config,
                       checkpoint=checkpoint_id(getattr(model, "checkpoint", None)) or None)
         vae.ssdd = model
         vae.sdvae = model.encoder.vae if sdvae_config is not None else None
         return vae.eval().requires_grad_(False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' save_pretrained (config.json + diffusion_pytorch_model.safetensors), except that a
+        `save_directory` that is an existing file is an error (diffusers logs it and returns, saving nothing)."""
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise FileExistsError(f"cannot save into {save_directory}: it is an existing file, not a folder")
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.half()`, `.cuda()`...: as nn.Module, except that the SD-VAE encoder only follows the device
@@ -262,10 +302,14 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         if not _has_tiled_decode():
             raise NotImplementedError("SSDDVAE tiling needs SSDD.decode(tile=), which this ssdd_runtime lacks; "
                                       "use enable_slicing() (exact) or decode fewer images at once")
+        from ssdd_runtime.tiled import check_tile
+
         if tile_latent_size is None:
-            tile_latent_size = self.config.sample_size // self.ssdd.stride
-        if isinstance(tile_latent_size, bool) or not isinstance(tile_latent_size, int) or tile_latent_size < 1:
-            raise ValueError(f"tile_latent_size must be a positive integer, got {tile_latent_size!r}")
+            tile_latent_size = max(1, self.config.sample_size // self.ssdd.stride)
+        try:
+            tile_latent_size = check_tile(tile_latent_size)  # SSDD.decode's rule: numpy integers too
+        except ValueError:
+            raise ValueError(f"tile_latent_size must be a positive integer, got {tile_latent_size!r}") from None
         self.use_tiling, self.tile_latent_size = True, tile_latent_size
 
     def disable_tiling(self) -> None:
@@ -313,8 +357,11 @@ class SSDDVAE(ModelMixin, ConfigMixin):
 
     def decode_noise(self, z: torch.Tensor, generator=None) -> torch.Tensor | None:
         """The fp32 start noise x_T that `decode(z, generator=generator)` uses (None: the global RNG)."""
-        if not isinstance(z, torch.Tensor) or z.dim() != 4:
-            raise ValueError(f"latents must be a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z))}")
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor (B, C, h, w), got {type(z).__module__}."
+                            f"{type(z).__name__} (convert with torch.from_numpy)")
+        if z.dim() != 4:
+            raise ValueError(f"latents must be a (B, C, h, w) tensor, got shape {tuple(z.shape)}")
         B, _, h, w = z.shape
         shape = (3, h * self.ssdd.stride, w * self.ssdd.stride)
         device = self.ssdd.device
@@ -355,9 +402,43 @@ class SSDDVAE(ModelMixin, ConfigMixin):
         return self.decode(z, return_dict=return_dict, generator=generator)
 
 
+def _read_stats(path) -> dict:
+    """A latent-statistics JSON written by `ssdd stats`; errors name the file."""
+    try:
+        stats = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"latent_stats file not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"latent_stats {path} is not a JSON file from `ssdd stats`: {e}") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"latent_stats {path} must hold a JSON object (from `ssdd stats`), got "
+                         f"{type(stats).__name__}")
+    return stats
+
+
+def _weights_name(variant: str | None) -> str:
+    return "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+
+
+def _check_weights_file(folder: Path, variant: str | None) -> None:
+    """A saved SSDDVAE folder holds its weights as safetensors (one file, or shards with an index); say which
+    file is missing, rather than diffusers' fallback to pickled `.bin` weights ("unsafe serialization")."""
+    name = _weights_name(variant)
+    if not ((folder / name).is_file() or (folder / f"{name}.index.json").is_file()):
+        raise FileNotFoundError(f"{folder / name} not found: a folder written by SSDDVAE.save_pretrained holds "
+                                f"config.json and {name} (or its shards with {name}.index.json)")
+
+
 def _widths(enc) -> tuple[int, ...]:
     return tuple(enc.base_dim * m for m in enc.ch_mult)
 
 
 def _floats(values) -> list[float] | None:
-    return None if values is None else [float(v) for v in values]
+    return None if values is None else [_plain(v) for v in values]
+
+
+def _plain(value):
+    """numpy/torch scalars -> int/float for the JSON config; anything else unchanged (refused by __init__)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
