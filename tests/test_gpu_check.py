@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH_2_11_API = frozenset("""
 torch torch.Generator torch.Size torch.Tensor torch.__version__ torch.addcmul torch.arange
 torch.backends.cuda.matmul.allow_tf32 torch.backends.cudnn.allow_tf32 torch.backends.cudnn.version torch.bfloat16
-torch.cat torch.channels_last torch.compile torch.compiler.is_exporting torch.cos torch.cuda.CUDAGraph torch.cuda.Event torch.cuda.Stream
+torch.cat torch.channels_last torch.compile torch.compiler.is_exporting torch.cos torch.from_numpy torch.cuda.CUDAGraph torch.cuda.Event torch.cuda.Stream
 torch.cuda.current_stream torch.cuda.empty_cache torch.cuda.get_device_name torch.cuda.graph torch.cuda.is_available
 torch.cuda.max_memory_allocated torch.cuda.memory_allocated torch.cuda.reset_peak_memory_stats torch.cuda.stream
 torch.cuda.synchronize torch.device torch.dtype torch.contiguous_format torch.empty torch.empty_like torch.empty_strided torch.exp torch.float16 torch.float32
