@@ -7,8 +7,9 @@ back to the source tree), and mkdocstrings reads the API from there.
 """
 import ast
 import shutil
-import sys
 from pathlib import Path
+
+from mkdocs.plugins import event_priority
 
 
 def _packages(setup_py: Path) -> dict[str, str]:
@@ -18,13 +19,9 @@ def _packages(setup_py: Path) -> dict[str, str]:
     raise RuntimeError(f"no PACKAGES table in {setup_py}")
 
 
+@event_priority(100)  # before mkdocstrings' on_config: a first build (no copy yet) failed when the copy came later
 def on_config(config):
     root = Path(config.config_file_path).parent
-    # `python -m mkdocs` from the repository root puts the root on sys.path, and mkdocstrings searches sys.path
-    # too: griffe then also sees the source-tree ssdd_runtime/, which has no export/kernels/benchmarks
-    # subpackages, and `ssdd_runtime.export.onnx` "could not be found" (griffelib 2.4). Only the laid-out copy
-    # may be visible.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root.resolve()]
     out = root / "build" / "docs-src"
     shutil.rmtree(out, ignore_errors=True)
     for name, folder in sorted(_packages(root / "setup.py").items()):
