@@ -128,6 +128,7 @@ def test_site_builds_strictly(tmp_path):
     or a failing generated block fails the build. Then the generated parts are checked in the HTML."""
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
     site = tmp_path / "site"
+    shutil.rmtree(ROOT / "build" / "docs-src", ignore_errors=True)  # as in a fresh clone: the hook lays it out first
     res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
