@@ -111,6 +111,13 @@ def plot(report: dict, path: str) -> None:
         ax.set_title(f"{H}x{W}, batch {rows[0]['batch']}" if len({r['batch'] for r in rows}) == 1 else f"{H}x{W}")
     env = report["env"]
     fig.suptitle(f"SSDD vs KL-VAE decode, {env['device_name']}, {env['date_utc'][:10]}", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    """Write a figure atomically (format from the suffix, PNG by default) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_output(path) as tmp:
@@ -195,11 +202,7 @@ def quality_plot(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     env = report["env"]
     ax.set_title(f"SSDD decode quality vs throughput, {env['device_name']}, {env['date_utc'][:10]}", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or "png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def load_results(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
